@@ -1,0 +1,399 @@
+//! Programs the node's public port forwards into netfilter.
+//!
+//! Two backends give the same behaviour: [`NftBackend`] (the default; owns `table ip uwsgi_it`)
+//! and [`IptablesBackend`] (owns four `UWSGI-IT-*` chains of table `nat`, for hosts without nft).
+//! The rules themselves are rendered by `uwsgi_it_domain::forwarding`; this module runs the
+//! tools.
+//!
+//! Every [`ForwardingBackend::apply`] first reads what the kernel holds and compares it with the
+//! desired state. When they match nothing is written, so an agent restart, an API outage or a
+//! periodic resync never disturbs working rules. When they differ (a change, or drift such as
+//! someone running `nft flush ruleset`) the owned objects are replaced in one atomic
+//! transaction, then the conntrack entries of UDP forwards that changed are deleted.
+//!
+//! The API is synchronous (it runs `nft`, `iptables-restore`, `iptables-save` and `conntrack`
+//! as child processes and waits for them); call it from `tokio::task::spawn_blocking`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use uwsgi_it_domain::forwarding::iptables::{self, JumpRule};
+use uwsgi_it_domain::forwarding::nft::{self, ListingError};
+use uwsgi_it_domain::forwarding::{ForwardingRuleset, UdpFlowKey, stale_udp_flows};
+
+/// Where the tools run: in the agent's own network namespace (production: the host's, since the
+/// agent Pod uses `hostNetwork`), or inside a named one through `ip netns exec` (tests).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum CommandScope {
+    #[default]
+    CurrentNamespace,
+    Netns(String),
+}
+
+impl CommandScope {
+    fn command(&self, program: &str) -> Command {
+        match self {
+            CommandScope::CurrentNamespace => Command::new(program),
+            CommandScope::Netns(name) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name, program]);
+                command
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardingError {
+    #[error("could not run {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}")]
+    CommandFailed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Listing(#[from] ListingError),
+}
+
+/// What the kernel holds, compared with the desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// `None` when the owned rules are exactly the desired ones; else the first difference.
+    pub difference: Option<String>,
+    /// Public addresses and forwards currently installed (empty when nothing is).
+    pub installed: ForwardingRuleset,
+}
+
+/// What one [`ForwardingBackend::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Whether a transaction was written (false: the kernel already matched).
+    pub rewritten: bool,
+    /// Why it was rewritten: the first difference found before writing.
+    pub difference: Option<String>,
+    /// Number of forwards now programmed.
+    pub forwards: usize,
+    /// UDP destinations whose conntrack entries were deleted.
+    pub cleared_udp_flows: Vec<UdpFlowKey>,
+    /// Conntrack entries deleted in total.
+    pub conntrack_entries_deleted: u64,
+    /// Conntrack deletions that failed; the rules are in place regardless, and the affected UDP
+    /// flows recover when their entries time out.
+    pub conntrack_failures: Vec<String>,
+    pub duration: Duration,
+}
+
+/// A way of programming the forwards into the kernel.
+pub trait ForwardingBackend: Send + Sync {
+    /// `"nftables"` or `"iptables"`, for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Reads the owned rules and compares them with `desired`.
+    fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError>;
+
+    /// Makes the kernel match `desired`: nothing is written when it already does; otherwise
+    /// one atomic replacement of the owned rules, then conntrack cleanup of changed UDP forwards.
+    fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError>;
+
+    /// Drift detection for the periodic resync.
+    fn is_in_sync(&self, desired: &ForwardingRuleset) -> Result<bool, ForwardingError> {
+        Ok(self.inspect(desired)?.difference.is_none())
+    }
+}
+
+fn spawn_error(command: &Command) -> impl FnOnce(std::io::Error) -> ForwardingError + '_ {
+    move |source| ForwardingError::Spawn {
+        program: describe(command),
+        source,
+    }
+}
+
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn output_with_stdin(mut command: Command, stdin: &[u8]) -> Result<Output, ForwardingError> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error(&command))?;
+    // Dropping the handle after writing closes the pipe, which is what ends the tool's input.
+    let written = child
+        .stdin
+        .take()
+        .expect("stdin was piped")
+        .write_all(stdin);
+    let output = child.wait_with_output().map_err(spawn_error(&command))?;
+    written.map_err(spawn_error(&command))?;
+    Ok(output)
+}
+
+fn checked(command: &Command, output: Output) -> Result<Output, ForwardingError> {
+    if output.status.success() {
+        return Ok(output);
+    }
+    Err(ForwardingError::CommandFailed {
+        program: describe(command),
+        status: output.status,
+        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+/// The shared part of `apply`: skip when in sync, else write and clean conntrack.
+fn apply_with(
+    scope: &CommandScope,
+    desired: &ForwardingRuleset,
+    inspection: Inspection,
+    write: impl FnOnce() -> Result<(), ForwardingError>,
+    started: Instant,
+) -> Result<ApplyReport, ForwardingError> {
+    let mut report = ApplyReport {
+        rewritten: false,
+        difference: inspection.difference.clone(),
+        forwards: desired.forwards().len(),
+        cleared_udp_flows: Vec::new(),
+        conntrack_entries_deleted: 0,
+        conntrack_failures: Vec::new(),
+        duration: Duration::ZERO,
+    };
+    if inspection.difference.is_some() {
+        write()?;
+        report.rewritten = true;
+        report.cleared_udp_flows = stale_udp_flows(&inspection.installed, desired);
+        // One listing first, so a full resync of thousands of UDP forwards costs one process
+        // plus one deletion per destination that really has entries, not one per forward.
+        let with_entries = match udp_destinations_with_entries(scope) {
+            Ok(present) => report
+                .cleared_udp_flows
+                .iter()
+                .filter(|flow| present.contains(flow))
+                .copied()
+                .collect(),
+            Err(error) => {
+                report.conntrack_failures.push(error.to_string());
+                report.cleared_udp_flows.clone()
+            }
+        };
+        for flow in with_entries {
+            match delete_udp_conntrack(scope, flow.public_address, flow.public_port) {
+                Ok(deleted) => report.conntrack_entries_deleted += deleted,
+                Err(error) => report.conntrack_failures.push(error.to_string()),
+            }
+        }
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// The original destinations of all UDP conntrack entries (`conntrack -L -p udp`).
+pub fn udp_destinations_with_entries(
+    scope: &CommandScope,
+) -> Result<BTreeSet<UdpFlowKey>, ForwardingError> {
+    let mut command = scope.command("conntrack");
+    command.args(["-L", "-p", "udp"]);
+    let output = command.output().map_err(spawn_error(&command))?;
+    let output = checked(&command, output)?;
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            // The first dst=/dport= of a line belong to the original direction.
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix(name))
+            };
+            Some(UdpFlowKey {
+                public_address: field("dst=")?.parse().ok()?,
+                public_port: field("dport=")?.parse().ok()?,
+            })
+        })
+        .collect())
+}
+
+/// `conntrack -D -p udp --orig-dst <address> --orig-port-dst <port>`; returns how many entries
+/// went. conntrack exits 1 when nothing matched ("0 flow entries have been deleted"), which is
+/// success here.
+pub fn delete_udp_conntrack(
+    scope: &CommandScope,
+    public_address: Ipv4Addr,
+    public_port: u16,
+) -> Result<u64, ForwardingError> {
+    let mut command = scope.command("conntrack");
+    command.args([
+        "-D",
+        "-p",
+        "udp",
+        "--orig-dst",
+        &public_address.to_string(),
+        "--orig-port-dst",
+        &public_port.to_string(),
+    ]);
+    let output = command.output().map_err(spawn_error(&command))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let deleted = stderr
+        .lines()
+        .find_map(|line| {
+            let (_, rest) = line.split_once("): ")?;
+            let count = rest.strip_suffix(" flow entries have been deleted.")?;
+            count.trim().parse::<u64>().ok()
+        });
+    match deleted {
+        Some(count) => Ok(count),
+        None => checked(&command, output).map(|_| 0),
+    }
+}
+
+/// Owns `table ip uwsgi_it`; writes it whole with `nft -j -f -`.
+#[derive(Debug, Clone, Default)]
+pub struct NftBackend {
+    scope: CommandScope,
+}
+
+impl NftBackend {
+    pub fn new(scope: CommandScope) -> NftBackend {
+        NftBackend { scope }
+    }
+
+    /// `nft -j list table ip uwsgi_it`, or `None` when the table does not exist.
+    fn listing(&self) -> Result<Option<String>, ForwardingError> {
+        let mut command = self.scope.command("nft");
+        command.args(["-j", "list", "table", "ip", nft::TABLE]);
+        let output = command.output().map_err(spawn_error(&command))?;
+        if !output.status.success()
+            && String::from_utf8_lossy(&output.stderr).contains("No such file or directory")
+        {
+            return Ok(None);
+        }
+        let output = checked(&command, output)?;
+        Ok(Some(String::from_utf8_lossy(&output.stdout).into_owned()))
+    }
+
+    /// Writes the whole table in one transaction, without looking at what is installed.
+    pub fn write(&self, desired: &ForwardingRuleset) -> Result<(), ForwardingError> {
+        let mut command = self.scope.command("nft");
+        command.args(["-j", "-f", "-"]);
+        let output = output_with_stdin(
+            command.to_owned_command(),
+            nft::transaction_json(desired).as_bytes(),
+        )?;
+        checked(&command, output).map(|_| ())
+    }
+}
+
+/// `Command` is not `Clone`; rebuilding from the parts keeps call sites readable.
+trait ToOwnedCommand {
+    fn to_owned_command(&mut self) -> Command;
+}
+
+impl ToOwnedCommand for Command {
+    fn to_owned_command(&mut self) -> Command {
+        let mut owned = Command::new(self.get_program());
+        owned.args(self.get_args());
+        owned
+    }
+}
+
+impl ForwardingBackend for NftBackend {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError> {
+        let inspection = nft::inspect_listing(desired, self.listing()?.as_deref())?;
+        Ok(Inspection {
+            difference: inspection.difference,
+            installed: inspection.installed,
+        })
+    }
+
+    fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError> {
+        let started = Instant::now();
+        let inspection = self.inspect(desired)?;
+        apply_with(&self.scope, desired, inspection, || self.write(desired), started)
+    }
+}
+
+/// Owns the `UWSGI-IT-*` chains of table `nat`; writes them with `iptables-restore --noflush`.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesBackend {
+    scope: CommandScope,
+}
+
+impl IptablesBackend {
+    pub fn new(scope: CommandScope) -> IptablesBackend {
+        IptablesBackend { scope }
+    }
+
+    fn save(&self) -> Result<String, ForwardingError> {
+        let mut command = self.scope.command("iptables-save");
+        command.args(["-t", "nat"]);
+        let output = command.output().map_err(spawn_error(&command))?;
+        let output = checked(&command, output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn inspect_with_jumps(
+        &self,
+        desired: &ForwardingRuleset,
+    ) -> Result<(Inspection, Vec<JumpRule>), ForwardingError> {
+        let inspection = iptables::inspect_save(desired, &self.save()?);
+        Ok((
+            Inspection {
+                difference: inspection.difference,
+                installed: inspection.installed,
+            },
+            inspection.missing_jumps,
+        ))
+    }
+
+    /// Replaces the owned chains and adds `missing_jumps`, in one restore.
+    pub fn write(
+        &self,
+        desired: &ForwardingRuleset,
+        missing_jumps: &[JumpRule],
+    ) -> Result<(), ForwardingError> {
+        let mut command = self.scope.command("iptables-restore");
+        command.arg("--noflush");
+        let output = output_with_stdin(
+            command.to_owned_command(),
+            iptables::restore_input(desired, missing_jumps).as_bytes(),
+        )?;
+        checked(&command, output).map(|_| ())
+    }
+}
+
+impl ForwardingBackend for IptablesBackend {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError> {
+        Ok(self.inspect_with_jumps(desired)?.0)
+    }
+
+    fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError> {
+        let started = Instant::now();
+        let (inspection, missing_jumps) = self.inspect_with_jumps(desired)?;
+        apply_with(
+            &self.scope,
+            desired,
+            inspection,
+            || self.write(desired, &missing_jumps),
+            started,
+        )
+    }
+}

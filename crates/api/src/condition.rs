@@ -1,0 +1,31 @@
+//! Condition types and reasons of this API.
+//!
+//! Conditions are standard `metav1.Condition`s in a list-map keyed by `type`, so the controller
+//! and the agent can each own theirs with server-side apply.
+
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+/// Customer: its namespace and role bindings exist.
+pub const READY: &str = "Ready";
+/// Container: the controller reserved memory and storage on the server (controller).
+pub const ADMITTED: &str = "Admitted";
+/// Container: the home directory exists on the server (agent).
+pub const HOME_READY: &str = "HomeReady";
+/// Container: the workload Pod is running (controller).
+pub const RUNNING: &str = "Running";
+/// PortMapping and CustomDistro: the controller accepted it.
+pub const ACCEPTED: &str = "Accepted";
+/// PortMapping: the forward is programmed on the server (agent).
+pub const PROGRAMMED: &str = "Programmed";
+/// CustomDistro: its directory exists on the server and is not a symlink (agent).
+pub const AVAILABLE: &str = "Available";
+
+/// Finds the condition of the given type.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// True when the condition of the given type is present with status `"True"`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find(conditions, type_).is_some_and(|c| c.status == "True")
+}

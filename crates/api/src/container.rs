@@ -1,0 +1,161 @@
+//! `Container`: a customer's container on one server, with its memory and storage reservation.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A customer's container: a reservation of memory and storage on one server, a home directory
+/// on that server, and (with a `distro`) a workload running as the container's own uid.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "uwsgi.it",
+    version = "v1alpha1",
+    kind = "Container",
+    namespaced,
+    status = "ContainerStatus",
+    shortname = "uc",
+    category = "uwsgi",
+    selectable = ".status.server",
+    printcolumn(name = "Server", type_ = "string", json_path = ".spec.server"),
+    printcolumn(
+        name = "Memory",
+        type_ = "integer",
+        json_path = ".spec.memory",
+        description = "MB"
+    ),
+    printcolumn(
+        name = "Storage",
+        type_ = "integer",
+        json_path = ".spec.storage",
+        description = "MB"
+    ),
+    printcolumn(name = "UID", type_ = "integer", json_path = ".status.uid"),
+    printcolumn(
+        name = "Admitted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Admitted\")].status"
+    ),
+    printcolumn(
+        name = "Running",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Running\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("!(self.customDistrosStorage && has(self.customDistro))").message(
+    "a storage container (customDistrosStorage: true) cannot set customDistro"
+))]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSpec {
+    /// The server this container lives on: a server node's name or its public address, as in
+    /// the uwsgi.it API. The customer must own the server. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("server is immutable"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub server: String,
+
+    /// Memory reserved on the server, in MB (1 MB = 1 MiB). Never oversold: the sum of the
+    /// reservations on a server never exceeds its capacity.
+    #[schemars(range(min = 1))]
+    pub memory: i64,
+
+    /// Storage reserved on the server for the home directory, in MB (1 MB = 1 MiB).
+    #[schemars(range(min = 1))]
+    pub storage: i64,
+
+    /// Platform distribution to run, by name from the operator's distro table. Without a
+    /// distro (and without a customDistro) the container has a home but no workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub distro: Option<String>,
+
+    /// Name of a CustomDistro in the same namespace whose root filesystem is mounted read-only
+    /// at /distro. It must live on the same server. Not allowed for storage containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub custom_distro: Option<String>,
+
+    /// When true this is a storage container: its home gets a distros/ directory holding the
+    /// customer's custom distributions, and it cannot itself use a customDistro.
+    #[serde(default)]
+    pub custom_distros_storage: bool,
+
+    /// SSH public keys written to the home's .ssh/authorized_keys; applied without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 16384)))]
+    pub ssh_keys: Vec<String>,
+
+    /// Free-form tags for the customer's own bookkeeping.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    pub tags: Vec<String>,
+
+    /// Free-form note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub note: Option<String>,
+
+    /// Percentage of storage use at which the agent warns (condition and Event), 0-100.
+    #[serde(default = "default_quota_threshold")]
+    #[schemars(range(min = 0, max = 100))]
+    pub quota_threshold: i32,
+}
+
+fn default_quota_threshold() -> i32 {
+    90
+}
+
+/// Memory and storage actually reserved for a container on its server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    /// Reserved memory in MB.
+    pub memory: i64,
+    /// Reserved storage in MB.
+    pub storage: i64,
+}
+
+/// What the controller and the agent observed and decided for a Container.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerStatus {
+    /// The container's uid (>= 30001), unique in the cluster and never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<i64>,
+
+    /// Name of the server node the container lives on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+
+    /// Public IPv4 address of the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+
+    /// Home directory on the server: <homeRoot>/<uid>.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+
+    /// Memory and storage admitted on the server. A resize that does not fit keeps this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<Reservation>,
+
+    /// Private IP address of the running workload; port mappings forward to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+
+    /// CustomDistros this container may use (same customer, same server), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub usable_custom_distros: Vec<String>,
+
+    /// The metadata.generation the controller last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Admitted (controller), HomeReady (agent), Running (controller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,5 @@
+//! Test support: used by the tests, the local-run command and the benchmarks, never by the
+//! programs themselves.
+
+pub mod control_plane;
+pub mod netns;

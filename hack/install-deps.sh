@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the agent and its tests need (nft, iptables, ip, conntrack).
+# A no-op when they are already there, so the warm path costs nothing.
+set -euo pipefail
+need=()
+command -v nft >/dev/null || need+=(nftables)
+command -v iptables-restore >/dev/null || need+=(iptables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v conntrack >/dev/null || need+=(conntrack)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "[deps] installing ${need[*]}" >&2
+if [ "$(id -u)" -ne 0 ]; then
+  echo "[deps] root is needed to install ${need[*]}" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >&2
+apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
