@@ -1,9 +1,11 @@
 //! `uwsgi-it-operator`: one binary, one subcommand per program.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use uwsgi_it_domain::config::OperatorConfig;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +19,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller: admission, identities, workloads, status (one active replica).
+    Controller {
+        /// The operator configuration file (every key optional); defaults apply without one.
+        #[arg(long, env = "UWSGI_IT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Where /healthz, /readyz and /metrics are served.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Namespace holding the leader-election Lease and the uid store.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "uwsgi-it-system")]
+        namespace: String,
+        /// This replica's identity in the Lease (defaults to the host name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Take part in leader election; only the leader acts.
+        #[arg(long, default_value_t = true, action = ArgAction::Set)]
+        leader_elect: bool,
+        /// Log format.
+        #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Run the node agent: homes and port forwards of one server node (a DaemonSet Pod).
+    Agent {
+        /// The operator configuration file (every key optional); defaults apply without one.
+        #[arg(long, env = "UWSGI_IT_CONFIG")]
+        config: Option<PathBuf>,
+        /// The Node this agent serves (from the downward API's spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// Where /healthz, /readyz and /metrics are served.
+        #[arg(long, default_value = "0.0.0.0:9180")]
+        listen: SocketAddr,
+        /// Extra container networks (CIDR) to masquerade for hairpin traffic, besides the
+        /// Node's pod CIDRs; repeatable.
+        #[arg(
+            long = "container-network",
+            env = "UWSGI_IT_CONTAINER_NETWORKS",
+            value_delimiter = ','
+        )]
+        container_networks: Vec<String>,
+        /// Log format.
+        #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// Write the CustomResourceDefinitions generated from the Rust types.
     Crds {
         /// Directory to write one YAML file per CRD into; prints them to stdout when omitted.
@@ -25,9 +71,117 @@ enum Command {
     },
 }
 
+/// How logs are written.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds { out } => write_crds(out),
+        Command::Agent {
+            config,
+            node_name,
+            listen,
+            container_networks,
+            log_format,
+        } => run_agent(config, node_name, listen, container_networks, log_format),
+        Command::Controller {
+            config,
+            listen,
+            namespace,
+            identity,
+            leader_elect,
+            log_format,
+        } => {
+            let config = load_config(config.as_deref())?;
+            uwsgi_it_telemetry::init_tracing(
+                &config.log_level,
+                matches!(log_format, LogFormat::Json),
+            );
+            let mut options = uwsgi_it_controller::Options::new(config, namespace);
+            options.listen = Some(listen);
+            options.leader_election = leader_elect;
+            if let Some(identity) = identity {
+                options.identity = identity;
+            }
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                uwsgi_it_controller::run(client, options, shutdown_signal()).await
+            })
+        }
+    }
+}
+
+fn run_agent(
+    config: Option<PathBuf>,
+    node_name: String,
+    listen: SocketAddr,
+    container_networks: Vec<String>,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let config = load_config(config.as_deref())?;
+    uwsgi_it_telemetry::init_tracing(&config.log_level, matches!(log_format, LogFormat::Json));
+    let container_networks = container_networks
+        .iter()
+        .map(|text| {
+            text.parse()
+                .with_context(|| format!("--container-network {text}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = uwsgi_it_agent::AgentOptions {
+        node_name,
+        config,
+        netns: uwsgi_it_agent::NetworkNamespace::Current,
+        container_networks,
+    };
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        // Bound before anything else, so a taken port stops the agent at start.
+        let listener = uwsgi_it_telemetry::bind(listen).await?;
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let agent = uwsgi_it_agent::Agent::new(client, options)?;
+        let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(uwsgi_it_telemetry::serve(
+            listener,
+            agent.registry(),
+            agent.ready(),
+            async move {
+                let _ = serving_stopped.await;
+            },
+        ));
+        let outcome = agent.run(shutdown_signal()).await;
+        let _ = stop_serving.send(());
+        let _ = server.await;
+        outcome
+    })
+}
+
+/// Reads and validates the operator configuration; a bad file stops the program here, with
+/// the key named in the error.
+fn load_config(path: Option<&Path>) -> anyhow::Result<OperatorConfig> {
+    let Some(path) = path else {
+        return Ok(OperatorConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    OperatorConfig::from_yaml(&text).with_context(|| format!("in {}", path.display()))
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the Pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
 }
 

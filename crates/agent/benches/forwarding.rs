@@ -27,9 +27,17 @@ fn ruleset(mappings: usize) -> ForwardingRuleset {
         [PUBLIC],
         ["10.244.0.0/16".parse().unwrap()],
         (0..mappings).map(|i| {
-            let protocol = if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp };
+            let protocol = if i % 2 == 0 {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            };
             let target = Ipv4Addr::new(10, 244, (i / 250) as u8, (i % 250 + 2) as u8);
-            Forward::new(protocol, 10_000 + (i / 2) as u16 * 2 + (i % 2) as u16, SocketAddrV4::new(target, 8000))
+            Forward::new(
+                protocol,
+                10_000 + (i / 2) as u16 * 2 + (i % 2) as u16,
+                SocketAddrV4::new(target, 8000),
+            )
         }),
     )
     .unwrap()
@@ -108,9 +116,13 @@ fn main() {
         let agent_full = measure(runs, reset, || {
             assert!(nft_backend.apply(&desired).unwrap().rewritten);
         });
-        let agent_noop = measure(runs, || {}, || {
-            assert!(!nft_backend.apply(&desired).unwrap().rewritten);
-        });
+        let agent_noop = measure(
+            runs,
+            || {},
+            || {
+                assert!(!nft_backend.apply(&desired).unwrap().rewritten);
+            },
+        );
 
         let json_file = directory.join(format!("table-{mappings}.json"));
         std::fs::write(&json_file, nft::transaction_json(&desired)).unwrap();
@@ -120,7 +132,10 @@ fn main() {
         // nft's own text form of the installed table, as an admin's prepared file would be.
         reset();
         nft_backend.apply(&desired).unwrap();
-        let listed = Command::new("nft").args(["list", "table", "ip", nft::TABLE]).output().unwrap();
+        let listed = Command::new("nft")
+            .args(["list", "table", "ip", nft::TABLE])
+            .output()
+            .unwrap();
         let text_file = directory.join(format!("table-{mappings}.nft"));
         let mut text = format!("table ip {0}\ndelete table ip {0}\n", nft::TABLE).into_bytes();
         text.extend_from_slice(&listed.stdout);
@@ -139,16 +154,29 @@ fn main() {
             run(
                 "iptables",
                 &[
-                    "-t", "nat", "-A", "PREROUTING",
-                    "-d", &PUBLIC.to_string(),
-                    "-p", forward.protocol.as_str(),
-                    "--dport", &forward.public_port.to_string(),
-                    "-j", "DNAT", "--to-destination", &forward.target.to_string(),
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    &PUBLIC.to_string(),
+                    "-p",
+                    forward.protocol.as_str(),
+                    "--dport",
+                    &forward.public_port.to_string(),
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    &forward.target.to_string(),
                 ],
             );
         }
         let admin = started.elapsed().mul_f64(mappings as f64 / sample as f64);
-        let admin_label = if sample < mappings { format!("~{}", ms(admin)) } else { ms(admin) };
+        let admin_label = if sample < mappings {
+            format!("~{}", ms(admin))
+        } else {
+            ms(admin)
+        };
 
         println!(
             "{:>8} | {:>11} ms | {:>12} ms | {:>12} ms | {:>13} ms | {:>16} ms | {:>14} ms | {:>9.2}x | {:>11.1}x",
@@ -167,8 +195,13 @@ fn main() {
     // Incremental change: one mapping added to 10,000 already installed.
     let base = ruleset(10_000);
     let mut grown = base.forwards().to_vec();
-    grown.push(Forward::new(Protocol::Tcp, 65_000, SocketAddrV4::new(Ipv4Addr::new(10, 244, 99, 2), 8000)));
-    let grown = ForwardingRuleset::new([PUBLIC], ["10.244.0.0/16".parse().unwrap()], grown).unwrap();
+    grown.push(Forward::new(
+        Protocol::Tcp,
+        65_000,
+        SocketAddrV4::new(Ipv4Addr::new(10, 244, 99, 2), 8000),
+    ));
+    let grown =
+        ForwardingRuleset::new([PUBLIC], ["10.244.0.0/16".parse().unwrap()], grown).unwrap();
     let incremental = measure(
         3,
         || {
@@ -185,14 +218,45 @@ fn main() {
         },
         || assert!(iptables_backend.apply(&grown).unwrap().rewritten),
     );
-    let admin_one = measure(1, || {}, || {
-        run("iptables", &["-t", "nat", "-A", "PREROUTING", "-d", &PUBLIC.to_string(), "-p", "tcp", "--dport", "65001", "-j", "DNAT", "--to-destination", "10.244.99.2:8000"]);
-    });
+    let admin_one = measure(
+        1,
+        || {},
+        || {
+            run(
+                "iptables",
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    &PUBLIC.to_string(),
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "65001",
+                    "-j",
+                    "DNAT",
+                    "--to-destination",
+                    "10.244.99.2:8000",
+                ],
+            );
+        },
+    );
     println!();
     println!("incremental: +1 mapping onto 10,000 installed");
-    println!("  agent nft (whole-table transaction): {} ms", ms(incremental));
-    println!("  agent iptables (owned chains restore): {} ms", ms(incremental_iptables));
-    println!("  admin iptables -A (one rule, 10,000 already in nat): {} ms", ms(admin_one));
+    println!(
+        "  agent nft (whole-table transaction): {} ms",
+        ms(incremental)
+    );
+    println!(
+        "  agent iptables (owned chains restore): {} ms",
+        ms(incremental_iptables)
+    );
+    println!(
+        "  admin iptables -A (one rule, 10,000 already in nat): {} ms",
+        ms(admin_one)
+    );
 
     reset();
     let _ = std::fs::remove_dir_all(&directory);

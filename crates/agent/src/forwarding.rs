@@ -244,13 +244,11 @@ pub fn delete_udp_conntrack(
     ]);
     let output = command.output().map_err(spawn_error(&command))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let deleted = stderr
-        .lines()
-        .find_map(|line| {
-            let (_, rest) = line.split_once("): ")?;
-            let count = rest.strip_suffix(" flow entries have been deleted.")?;
-            count.trim().parse::<u64>().ok()
-        });
+    let deleted = stderr.lines().find_map(|line| {
+        let (_, rest) = line.split_once("): ")?;
+        let count = rest.strip_suffix(" flow entries have been deleted.")?;
+        count.trim().parse::<u64>().ok()
+    });
     match deleted {
         Some(count) => Ok(count),
         None => checked(&command, output).map(|_| 0),
@@ -323,7 +321,13 @@ impl ForwardingBackend for NftBackend {
     fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError> {
         let started = Instant::now();
         let inspection = self.inspect(desired)?;
-        apply_with(&self.scope, desired, inspection, || self.write(desired), started)
+        apply_with(
+            &self.scope,
+            desired,
+            inspection,
+            || self.write(desired),
+            started,
+        )
     }
 }
 

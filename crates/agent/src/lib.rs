@@ -1,3 +1,184 @@
 //! The node agent: makes the node match the containers and port mappings assigned to it.
 
 pub mod forwarding;
+pub mod homes;
+
+pub mod address;
+mod distro_sync;
+pub mod home_sync;
+pub mod metrics;
+pub mod reporter;
+pub mod scope;
+pub mod sync;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use kube::Client;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+use uwsgi_it_domain::config::{self, OperatorConfig};
+use uwsgi_it_domain::forwarding::Ipv4Cidr;
+use uwsgi_it_telemetry::prometheus_client::registry::Registry;
+
+pub use address::NetworkNamespace;
+use forwarding::{CommandScope, ForwardingBackend, IptablesBackend, NftBackend};
+use homes::Homes;
+use metrics::Metrics;
+use reporter::Reporter;
+use scope::{Caches, Triggers};
+
+/// What one agent needs to know besides its API client.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// The Node this agent serves (`NODE_NAME`, from the downward API).
+    pub node_name: String,
+    /// The operator configuration (`homeRoot`, `homeRetention`, `portForward`).
+    pub config: OperatorConfig,
+    /// Where the node's netfilter rules and network interfaces live.
+    pub netns: NetworkNamespace,
+    /// Networks whose DNATed traffic is masqueraded so hairpin connections work, besides the
+    /// Node's pod CIDRs and the forward targets (which are always included).
+    pub container_networks: Vec<Ipv4Cidr>,
+}
+
+/// Shared by the agent's loops.
+pub(crate) struct Context {
+    pub node: String,
+    pub config: OperatorConfig,
+    pub netns: NetworkNamespace,
+    pub container_networks: Vec<Ipv4Cidr>,
+    pub caches: Caches,
+    pub triggers: Arc<Triggers>,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub homes: Homes,
+    pub backend: Arc<dyn ForwardingBackend>,
+    pub ready: watch::Sender<bool>,
+}
+
+/// One node's agent. Build it, serve its [`Agent::registry`] and [`Agent::ready`] on the health
+/// endpoints, then [`Agent::run`] it.
+pub struct Agent {
+    client: Client,
+    options: AgentOptions,
+    homes: Homes,
+    backend: Arc<dyn ForwardingBackend>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    ready: watch::Sender<bool>,
+}
+
+impl Agent {
+    /// Checks the options (a bad `homeRoot` fails here, at start) and registers the metrics.
+    pub fn new(client: Client, options: AgentOptions) -> anyhow::Result<Agent> {
+        anyhow::ensure!(
+            !options.node_name.is_empty(),
+            "the node name must not be empty"
+        );
+        let homes = Homes::new(options.config.home_root.clone())
+            .with_context(|| format!("homeRoot {}", options.config.home_root.display()))?;
+        let scope = match &options.netns {
+            NetworkNamespace::Current => CommandScope::CurrentNamespace,
+            NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
+        };
+        let backend: Arc<dyn ForwardingBackend> = match options.config.port_forward.backend {
+            config::ForwardingBackend::Nftables => Arc::new(NftBackend::new(scope)),
+            config::ForwardingBackend::Iptables => Arc::new(IptablesBackend::new(scope)),
+        };
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        Ok(Agent {
+            client,
+            options,
+            homes,
+            backend,
+            registry: Arc::new(registry),
+            metrics,
+            ready: watch::Sender::new(false),
+        })
+    }
+
+    /// The metrics to serve on `/metrics`.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// The agent's counters, for tests and benchmarks.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// True once the caches have synced and the first forwarding sync succeeded (`/readyz`).
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Runs until `shutdown` resolves (then returns `Ok` without touching any rule or home) or
+    /// until a part of the agent fails for good.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let node = self.options.node_name.clone();
+        let selector = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            selector = scope::choose_selector(&self.client, &node) => selector?,
+        };
+        let triggers = Arc::new(Triggers::default());
+        // Dropping the set aborts every task, so a cancelled `run` leaves nothing behind.
+        let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let caches = Caches::start(&self.client, &node, selector, &triggers, &mut tasks);
+        info!(%node, ?selector, backend = self.backend.name(), "waiting for the caches to sync");
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            synced = caches.wait_until_ready() => synced?,
+        }
+        info!(%node, "caches synced");
+
+        let ctx = Arc::new(Context {
+            node,
+            config: self.options.config,
+            netns: self.options.netns,
+            container_networks: self.options.container_networks,
+            caches,
+            triggers,
+            reporter: Reporter::new(self.client.clone(), &self.options.node_name),
+            metrics: self.metrics,
+            homes: self.homes,
+            backend: self.backend,
+            ready: self.ready,
+        });
+        tasks.spawn(sync::forwarding_loop(ctx.clone()));
+        tasks.spawn(home_sync::homes_loop(ctx.clone()));
+        tasks.spawn(distro_sync::distros_loop(ctx.clone()));
+        let watcher_ctx = ctx.clone();
+        tasks.spawn(async move {
+            let triggers = watcher_ctx.triggers.clone();
+            let watched = address::watch_changes(&watcher_ctx.netns, move || {
+                triggers.forwarding.notify_one();
+            })
+            .await;
+            if let Err(error) = watched {
+                // Not fatal: the periodic resync still notices address changes.
+                warn!(%error, "cannot watch the node's addresses through rtnetlink");
+            }
+            Ok(())
+        });
+
+        loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    info!("shutting down; the forwarding rules and homes stay as they are");
+                    return Ok(());
+                }
+                finished = tasks.join_next() => match finished {
+                    Some(Ok(Ok(()))) => continue,
+                    Some(Ok(Err(error))) => return Err(error),
+                    Some(Err(error)) => return Err(anyhow::anyhow!("an agent task failed: {error}")),
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+}

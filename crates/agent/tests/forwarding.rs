@@ -45,13 +45,15 @@ fn ruleset(forwards: &[(Protocol, u16, u16)]) -> ForwardingRuleset {
     ForwardingRuleset::new(
         [NODE_PUBLIC_ADDRESS],
         [CONTAINER_NETWORK.parse().unwrap()],
-        forwards.iter().map(|&(protocol, public_port, private_port)| {
-            Forward::new(
-                protocol,
-                public_port,
-                SocketAddrV4::new(CONTAINER_ADDRESS, private_port),
-            )
-        }),
+        forwards
+            .iter()
+            .map(|&(protocol, public_port, private_port)| {
+                Forward::new(
+                    protocol,
+                    public_port,
+                    SocketAddrV4::new(CONTAINER_ADDRESS, private_port),
+                )
+            }),
     )
     .unwrap()
 }
@@ -92,9 +94,16 @@ fn traffic_reaches_the_container_from_everywhere(kind: Kind) {
     assert!(!backend.is_in_sync(&desired).unwrap());
     let report = backend.apply(&desired).unwrap();
     assert!(report.rewritten && report.forwards == 2, "{report:?}");
-    assert!(backend.is_in_sync(&desired).unwrap(), "{:?}", backend.inspect(&desired).unwrap());
+    assert!(
+        backend.is_in_sync(&desired).unwrap(),
+        "{:?}",
+        backend.inspect(&desired).unwrap()
+    );
     let again = backend.apply(&desired).unwrap();
-    assert!(!again.rewritten, "an unchanged state must not be rewritten: {again:?}");
+    assert!(
+        !again.rewritten,
+        "an unchanged state must not be rewritten: {again:?}"
+    );
 
     // External client: its own address reaches the container (no masquerade).
     let external = format!("from {CLIENT_ADDRESS}");
@@ -111,7 +120,9 @@ fn traffic_reaches_the_container_from_everywhere(kind: Kind) {
             .unwrap_or_else(|e| panic!("{who} over tcp: {e}"));
         assert_eq!(reply, format!("{who} {masqueraded}"));
         let flow = UdpFlow::open(netns, public(PUBLIC_PORT), PATIENCE).unwrap();
-        let reply = flow.exchange(who).unwrap_or_else(|e| panic!("{who} over udp: {e}"));
+        let reply = flow
+            .exchange(who)
+            .unwrap_or_else(|e| panic!("{who} over udp: {e}"));
         assert_eq!(reply, format!("{who} {masqueraded}"));
     }
 
@@ -131,7 +142,11 @@ fn removing_a_mapping_stops_new_and_ongoing_traffic(kind: Kind) {
     let report = backend.apply(&both_on_9000()).unwrap();
     assert_eq!(report.cleared_udp_flows.len(), 1, "{report:?}");
     assert!(report.conntrack_failures.is_empty(), "{report:?}");
-    assert!(flow.exchange("on time").unwrap().starts_with("on time from "));
+    assert!(
+        flow.exchange("on time")
+            .unwrap()
+            .starts_with("on time from ")
+    );
 
     let report = backend.apply(&ruleset(&[])).unwrap();
     assert!(report.rewritten, "{report:?}");
@@ -156,7 +171,10 @@ fn drift_is_detected_and_repaired(kind: Kind) {
     flush_everything(kind, &topology);
     assert!(tcp_exchange(&topology.client, public(PUBLIC_PORT), "x", REFUSAL_PATIENCE).is_err());
     let inspection = backend.inspect(&desired).unwrap();
-    assert!(inspection.difference.is_some(), "drift must be detected: {inspection:?}");
+    assert!(
+        inspection.difference.is_some(),
+        "drift must be detected: {inspection:?}"
+    );
 
     let report = backend.apply(&desired).unwrap();
     assert!(report.rewritten, "{report:?}");
@@ -177,8 +195,11 @@ fn drift_is_detected_and_repaired(kind: Kind) {
 fn reapplying_keeps_an_open_tcp_connection(kind: Kind) {
     let topology = ForwardingTopology::create().unwrap();
     let _servers = container_servers(&topology);
-    let second = tcp_echo_server(&topology.container, SocketAddrV4::new(CONTAINER_ADDRESS, 8001))
-        .unwrap();
+    let second = tcp_echo_server(
+        &topology.container,
+        SocketAddrV4::new(CONTAINER_ADDRESS, 8001),
+    )
+    .unwrap();
     let backend = backend(kind, &topology);
     backend.apply(&both_on_9000()).unwrap();
 
@@ -206,7 +227,12 @@ fn reapplying_keeps_an_open_tcp_connection(kind: Kind) {
     .unwrap();
     let report = backend.apply(&bigger).unwrap();
     assert!(report.rewritten, "{report:?}");
-    assert!(session.exchange("three").unwrap().starts_with("three from "));
+    assert!(
+        session
+            .exchange("three")
+            .unwrap()
+            .starts_with("three from ")
+    );
     let reply = tcp_exchange(&topology.client, public(9001), "new", PATIENCE).unwrap();
     assert_eq!(reply, format!("new from {CLIENT_ADDRESS}"));
 }
@@ -217,12 +243,27 @@ fn foreign_rules_are_left_alone(kind: Kind) {
     let backend = backend(kind, &topology);
     match kind {
         Kind::Nft => {
-            topology.node.run("nft", &["add", "table", "ip", "someone_else"]).unwrap();
+            topology
+                .node
+                .run("nft", &["add", "table", "ip", "someone_else"])
+                .unwrap();
         }
         Kind::Iptables => {
             topology
                 .node
-                .run("iptables", &["-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "MASQUERADE"])
+                .run(
+                    "iptables",
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "192.0.2.0/24",
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                )
                 .unwrap();
         }
     }
@@ -230,11 +271,17 @@ fn foreign_rules_are_left_alone(kind: Kind) {
     backend.apply(&ruleset(&[])).unwrap();
     match kind {
         Kind::Nft => {
-            topology.node.run("nft", &["list", "table", "ip", "someone_else"]).unwrap();
+            topology
+                .node
+                .run("nft", &["list", "table", "ip", "someone_else"])
+                .unwrap();
         }
         Kind::Iptables => {
             let save = topology.node.run("iptables-save", &["-t", "nat"]).unwrap();
-            assert!(save.contains("-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE"), "{save}");
+            assert!(
+                save.contains("-A POSTROUTING -s 192.0.2.0/24 -j MASQUERADE"),
+                "{save}"
+            );
         }
     }
 }

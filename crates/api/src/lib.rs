@@ -6,6 +6,9 @@
 //!
 //! This crate depends on no other part of the project.
 
+// `#[kube(printcolumn(...))]` repeats one attribute per column by design.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod condition;
 pub mod container;
 pub mod custom_distro;

@@ -5,6 +5,7 @@
 //! translate API objects into these inputs and carry out the decisions.
 
 pub mod capacity;
+pub mod config;
 pub mod distro;
 pub mod forwarding;
 pub mod identity;

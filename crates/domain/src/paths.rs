@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn builds_every_path_of_a_home() {
-        assert_eq!(home_dir(root(), 30001).unwrap(), Path::new("/containers/30001"));
+        assert_eq!(
+            home_dir(root(), 30001).unwrap(),
+            Path::new("/containers/30001")
+        );
         assert_eq!(
             distros_dir(root(), 30002).unwrap(),
             Path::new("/containers/30002/distros")
@@ -260,24 +263,55 @@ mod tests {
     #[test]
     fn distro_names_follow_the_custom_distro_rule() {
         let longest = "x".repeat(64);
-        for good in ["a", "A", "0", "debian", "a.b", "a_b", "a-b", "a..b", longest.as_str()] {
+        for good in [
+            "a",
+            "A",
+            "0",
+            "debian",
+            "a.b",
+            "a_b",
+            "a-b",
+            "a..b",
+            longest.as_str(),
+        ] {
             assert_eq!(validate_distro_name("path", good), Ok(()), "{good:?}");
         }
         let long = "x".repeat(65);
-        let cases: [(&str, fn(&PathError) -> bool); 13] = [
+        type IsExpected = fn(&PathError) -> bool;
+        let cases: [(&str, IsExpected); 13] = [
             ("", |e| matches!(e, PathError::NameEmpty { .. })),
             (".", |e| matches!(e, PathError::NameIsDotEntry { .. })),
             ("..", |e| matches!(e, PathError::NameIsDotEntry { .. })),
-            (".hidden", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("-flag", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("_x", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("a/b", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("../etc", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("a b", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("a\0b", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("é", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            ("a\\b", |e| matches!(e, PathError::NameInvalidCharacters { .. })),
-            (long.as_str(), |e| matches!(e, PathError::NameTooLong { .. })),
+            (".hidden", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("-flag", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("_x", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("a/b", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("../etc", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("a b", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("a\0b", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("é", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            ("a\\b", |e| {
+                matches!(e, PathError::NameInvalidCharacters { .. })
+            }),
+            (long.as_str(), |e| {
+                matches!(e, PathError::NameTooLong { .. })
+            }),
         ];
         for (bad, expected) in cases {
             let error = custom_distro_dir(root(), 30001, bad).unwrap_err();
@@ -291,8 +325,13 @@ mod tests {
         let error = home_dir(root(), 42).unwrap_err().to_string();
         assert!(error.contains("uid") && error.contains("30001"), "{error}");
         let error = home_dir(Path::new("x"), 30001).unwrap_err().to_string();
-        assert!(error.starts_with("homeRoot:") && error.contains("absolute"), "{error}");
-        let error = custom_distro_dir(root(), 30001, "a/b").unwrap_err().to_string();
+        assert!(
+            error.starts_with("homeRoot:") && error.contains("absolute"),
+            "{error}"
+        );
+        let error = custom_distro_dir(root(), 30001, "a/b")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("[A-Za-z0-9][A-Za-z0-9._-]*"), "{error}");
     }
 

@@ -8,26 +8,51 @@ use uwsgi_it_domain::forwarding::{Forward, ForwardingRuleset, Protocol, iptables
 
 fn sample() -> ForwardingRuleset {
     ForwardingRuleset::new(
-        [Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11)],
+        [
+            Ipv4Addr::new(203, 0, 113, 10),
+            Ipv4Addr::new(203, 0, 113, 11),
+        ],
         ["10.244.1.0/24".parse().unwrap()],
         [
-            Forward::new(Protocol::Udp, 9000, SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8000)),
-            Forward::new(Protocol::Tcp, 9000, SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8000)),
-            Forward::new(Protocol::Tcp, 2222, SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 22)),
-            Forward::new(Protocol::Tcp, 8443, SocketAddrV4::new(Ipv4Addr::new(10, 244, 7, 9), 443)),
+            Forward::new(
+                Protocol::Udp,
+                9000,
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8000),
+            ),
+            Forward::new(
+                Protocol::Tcp,
+                9000,
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 2), 8000),
+            ),
+            Forward::new(
+                Protocol::Tcp,
+                2222,
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 3), 22),
+            ),
+            Forward::new(
+                Protocol::Tcp,
+                8443,
+                SocketAddrV4::new(Ipv4Addr::new(10, 244, 7, 9), 443),
+            ),
         ],
     )
     .unwrap()
 }
 
 fn check(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
     assert!(
         expected == actual,
         "{} differs from the rendering (run with UPDATE_GOLDEN=1 to accept):\n--- expected\n{expected}\n--- actual\n{actual}",
@@ -43,5 +68,8 @@ fn nft_transaction_matches_golden() {
 
 #[test]
 fn iptables_restore_input_matches_golden() {
-    check("iptables-restore.txt", &iptables::restore_input(&sample(), &iptables::JUMP_RULES));
+    check(
+        "iptables-restore.txt",
+        &iptables::restore_input(&sample(), &iptables::JUMP_RULES),
+    );
 }

@@ -2,4 +2,5 @@
 //! programs themselves.
 
 pub mod control_plane;
+pub mod kubelet;
 pub mod netns;

@@ -95,10 +95,7 @@ impl Netns {
 
     /// Runs `work` on a new thread that has joined this namespace, and returns its result.
     /// The calling thread's namespace is untouched.
-    pub fn enter<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T> {
+    pub fn enter<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let path = self.path();
         std::thread::spawn(move || -> Result<T> {
             join_netns(&path)?;
@@ -119,8 +116,7 @@ impl Drop for Netns {
 }
 
 fn join_netns(path: &std::path::Path) -> Result<()> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: setns only reads the descriptor, which `file` keeps open for the call.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
@@ -276,7 +272,11 @@ fn serve_tcp_echo(stream: TcpStream, peer: SocketAddr, stop: &AtomicBool) {
                 }
                 line.clear();
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -312,7 +312,11 @@ pub struct TcpSession {
 
 impl TcpSession {
     /// Connects from `netns` to `address`, failing after `timeout`.
-    pub fn connect(netns: &Netns, address: SocketAddrV4, timeout: Duration) -> io::Result<TcpSession> {
+    pub fn connect(
+        netns: &Netns,
+        address: SocketAddrV4,
+        timeout: Duration,
+    ) -> io::Result<TcpSession> {
         let stream = netns
             .enter(move || TcpStream::connect_timeout(&address.into(), timeout))
             .map_err(io::Error::other)??;
@@ -329,7 +333,10 @@ impl TcpSession {
         self.writer.write_all(format!("{message}\n").as_bytes())?;
         let mut reply = String::new();
         if self.reader.read_line(&mut reply)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         Ok(reply.trim_end().to_owned())
     }

@@ -78,7 +78,9 @@ pub fn owned_rules(ruleset: &ForwardingRuleset) -> Vec<String> {
         ));
     }
     for address in ruleset.public_addresses() {
-        rules.push(format!("-A {OUTPUT_CHAIN} -d {address}/32 -j {FORWARDS_CHAIN}"));
+        rules.push(format!(
+            "-A {OUTPUT_CHAIN} -d {address}/32 -j {FORWARDS_CHAIN}"
+        ));
     }
     for forward in ruleset.forwards() {
         let protocol = forward.protocol;
@@ -118,7 +120,11 @@ pub fn restore_input(ruleset: &ForwardingRuleset, missing_jumps: &[JumpRule]) ->
         input.push('\n');
     }
     for jump in missing_jumps {
-        let _ = writeln!(input, "-I {} 1 -j {}", jump.builtin_chain, jump.target_chain);
+        let _ = writeln!(
+            input,
+            "-I {} 1 -j {}",
+            jump.builtin_chain, jump.target_chain
+        );
     }
     input.push_str("COMMIT\n");
     input

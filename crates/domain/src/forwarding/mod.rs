@@ -106,7 +106,9 @@ impl Ipv4Cidr {
     }
 
     fn mask(&self) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0)
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
     }
 
     fn range(&self) -> Ipv4Range {
@@ -164,7 +166,11 @@ impl Ipv4Range {
         let mut next = u64::from(u32::from(self.first));
         let end = u64::from(u32::from(self.last));
         while next <= end {
-            let alignment = if next == 0 { 1u64 << 32 } else { 1u64 << next.trailing_zeros() };
+            let alignment = if next == 0 {
+                1u64 << 32
+            } else {
+                1u64 << next.trailing_zeros()
+            };
             let mut size = alignment;
             while next + size - 1 > end {
                 size /= 2;
@@ -205,7 +211,9 @@ pub enum RulesetError {
         public_port: u16,
         target: SocketAddrV4,
     },
-    #[error("public_addresses: {address} must be a unicast address (not unspecified, loopback, multicast or broadcast)")]
+    #[error(
+        "public_addresses: {address} must be a unicast address (not unspecified, loopback, multicast or broadcast)"
+    )]
     InvalidPublicAddress { address: Ipv4Addr },
     #[error("container_networks: prefix length {prefix_len} is longer than 32")]
     CidrPrefixTooLong { prefix_len: u8 },

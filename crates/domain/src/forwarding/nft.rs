@@ -45,8 +45,8 @@ use nftables::expr::{
     PayloadField, Prefix, Range,
 };
 use nftables::schema::{
-    Chain, Map, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType,
-    SetTypeValue, Table,
+    Chain, Map, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Table,
 };
 use nftables::stmt::{Match, NAT, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -94,7 +94,11 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     )))
 }
 
-fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
     Statement::Match(Match { left, right, op })
 }
 
@@ -163,7 +167,10 @@ fn masquerade_source_element(range: &Ipv4Range) -> Expression<'static> {
         }))
     } else {
         Expression::Range(Box::new(Range {
-            range: [string(range.first.to_string()), string(range.last.to_string())],
+            range: [
+                string(range.first.to_string()),
+                string(range.last.to_string()),
+            ],
         }))
     }
 }
@@ -330,10 +337,18 @@ pub fn table_objects(ruleset: &ForwardingRuleset) -> Vec<NfListObject<'static>> 
         NfListObject::Set(Box::new(masquerade_sources)),
         NfListObject::Map(Box::new(forward_addresses)),
         NfListObject::Map(Box::new(forward_ports)),
-        NfListObject::Chain(nat_chain(PREROUTING_CHAIN, NfHook::Prerouting, DSTNAT_PRIORITY)),
+        NfListObject::Chain(nat_chain(
+            PREROUTING_CHAIN,
+            NfHook::Prerouting,
+            DSTNAT_PRIORITY,
+        )),
         // Locally generated packets skip prerouting; the output hook is where they are DNATed.
         NfListObject::Chain(nat_chain(OUTPUT_CHAIN, NfHook::Output, DSTNAT_PRIORITY)),
-        NfListObject::Chain(nat_chain(POSTROUTING_CHAIN, NfHook::Postrouting, SRCNAT_PRIORITY)),
+        NfListObject::Chain(nat_chain(
+            POSTROUTING_CHAIN,
+            NfHook::Postrouting,
+            SRCNAT_PRIORITY,
+        )),
         NfListObject::Rule(dnat_rule(PREROUTING_CHAIN)),
         NfListObject::Rule(dnat_rule(OUTPUT_CHAIN)),
         NfListObject::Rule(rule(POSTROUTING_CHAIN, local_source)),
@@ -484,11 +499,10 @@ fn parse_forward_key(key: &Value) -> Option<(Protocol, u16)> {
 /// Best-effort reading of the forwards a (possibly tampered) table holds; anything it cannot
 /// read is skipped, which at worst causes an extra conntrack cleanup.
 fn installed_ruleset(listed: &[Value]) -> ForwardingRuleset {
-    let public_addresses: BTreeSet<Ipv4Addr> =
-        map_elements(listed, "set", PUBLIC_ADDRESSES_SET)
-            .into_iter()
-            .filter_map(|e| e.as_str()?.parse().ok())
-            .collect();
+    let public_addresses: BTreeSet<Ipv4Addr> = map_elements(listed, "set", PUBLIC_ADDRESSES_SET)
+        .into_iter()
+        .filter_map(|e| e.as_str()?.parse().ok())
+        .collect();
     let pair = |element: &Value| -> Option<((Protocol, u16), Value)> {
         let pair = element.as_array()?;
         Some((parse_forward_key(pair.first()?)?, pair.get(1)?.clone()))
@@ -508,7 +522,11 @@ fn installed_ruleset(listed: &[Value]) -> ForwardingRuleset {
         .into_iter()
         .filter_map(|((protocol, public_port), address)| {
             let port = *ports.get(&(protocol, public_port))?;
-            Some(Forward::new(protocol, public_port, SocketAddrV4::new(address, port)))
+            Some(Forward::new(
+                protocol,
+                public_port,
+                SocketAddrV4::new(address, port),
+            ))
         })
         .collect();
     ForwardingRuleset {

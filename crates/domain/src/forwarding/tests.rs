@@ -13,7 +13,9 @@ fn ruleset(forwards: &[(Protocol, u16, &str)]) -> ForwardingRuleset {
     ForwardingRuleset::new(
         [public()],
         [],
-        forwards.iter().map(|(p, port, t)| Forward::new(*p, *port, target(t))),
+        forwards
+            .iter()
+            .map(|(p, port, t)| Forward::new(*p, *port, target(t))),
     )
     .unwrap()
 }
@@ -22,7 +24,10 @@ fn ruleset(forwards: &[(Protocol, u16, &str)]) -> ForwardingRuleset {
 fn rulesets_are_sorted_and_deduplicated() {
     let a = ForwardingRuleset::new(
         [Ipv4Addr::new(203, 0, 113, 11), public(), public()],
-        ["10.244.2.0/24".parse().unwrap(), "10.244.1.0/24".parse().unwrap()],
+        [
+            "10.244.2.0/24".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+        ],
         [
             Forward::new(Protocol::Udp, 9000, target("10.244.1.2:8000")),
             Forward::new(Protocol::Tcp, 9001, target("10.244.1.3:8000")),
@@ -31,13 +36,23 @@ fn rulesets_are_sorted_and_deduplicated() {
         ],
     )
     .unwrap();
-    assert_eq!(a.public_addresses(), [public(), Ipv4Addr::new(203, 0, 113, 11)]);
+    assert_eq!(
+        a.public_addresses(),
+        [public(), Ipv4Addr::new(203, 0, 113, 11)]
+    );
     assert_eq!(
         a.forwards().iter().map(Forward::key).collect::<Vec<_>>(),
-        [(Protocol::Tcp, 9000), (Protocol::Tcp, 9001), (Protocol::Udp, 9000)]
+        [
+            (Protocol::Tcp, 9000),
+            (Protocol::Tcp, 9001),
+            (Protocol::Udp, 9000)
+        ]
     );
     assert_eq!(a.container_networks()[0].to_string(), "10.244.1.0/24");
-    assert_eq!(a.target_of(Protocol::Udp, 9000), Some(target("10.244.1.2:8000")));
+    assert_eq!(
+        a.target_of(Protocol::Udp, 9000),
+        Some(target("10.244.1.2:8000"))
+    );
     assert_eq!(a.target_of(Protocol::Udp, 9001), None);
 }
 
@@ -61,32 +76,66 @@ fn refuses_invalid_rulesets() {
         })
     );
     let bad_target = |t: &str| {
-        ForwardingRuleset::new([public()], [], [Forward::new(Protocol::Tcp, 9000, target(t))])
+        ForwardingRuleset::new(
+            [public()],
+            [],
+            [Forward::new(Protocol::Tcp, 9000, target(t))],
+        )
     };
-    assert!(matches!(bad_target("127.0.0.1:8000"), Err(RulesetError::InvalidTarget { .. })));
-    assert!(matches!(bad_target("0.0.0.0:8000"), Err(RulesetError::InvalidTarget { .. })));
-    assert!(matches!(bad_target("10.0.0.1:0"), Err(RulesetError::InvalidTarget { .. })));
     assert!(matches!(
-        ForwardingRuleset::new([], [], [Forward::new(Protocol::Tcp, 0, target("10.0.0.1:1"))]),
+        bad_target("127.0.0.1:8000"),
+        Err(RulesetError::InvalidTarget { .. })
+    ));
+    assert!(matches!(
+        bad_target("0.0.0.0:8000"),
+        Err(RulesetError::InvalidTarget { .. })
+    ));
+    assert!(matches!(
+        bad_target("10.0.0.1:0"),
+        Err(RulesetError::InvalidTarget { .. })
+    ));
+    assert!(matches!(
+        ForwardingRuleset::new(
+            [],
+            [],
+            [Forward::new(Protocol::Tcp, 0, target("10.0.0.1:1"))]
+        ),
         Err(RulesetError::ZeroPublicPort { .. })
     ));
     assert!(matches!(
         ForwardingRuleset::new([Ipv4Addr::LOCALHOST], [], []),
         Err(RulesetError::InvalidPublicAddress { .. })
     ));
-    assert!(matches!("10.0.0.1/24".parse::<Ipv4Cidr>(), Err(RulesetError::CidrHostBitsSet { .. })));
-    assert!(matches!("10.0.0.0/33".parse::<Ipv4Cidr>(), Err(RulesetError::CidrPrefixTooLong { .. })));
-    assert!(matches!("10.0.0.0".parse::<Ipv4Cidr>(), Err(RulesetError::CidrSyntax { .. })));
-    assert!(RulesetError::ZeroPublicPort { protocol: Protocol::Tcp, target: target("10.0.0.1:1") }
+    assert!(matches!(
+        "10.0.0.1/24".parse::<Ipv4Cidr>(),
+        Err(RulesetError::CidrHostBitsSet { .. })
+    ));
+    assert!(matches!(
+        "10.0.0.0/33".parse::<Ipv4Cidr>(),
+        Err(RulesetError::CidrPrefixTooLong { .. })
+    ));
+    assert!(matches!(
+        "10.0.0.0".parse::<Ipv4Cidr>(),
+        Err(RulesetError::CidrSyntax { .. })
+    ));
+    assert!(
+        RulesetError::ZeroPublicPort {
+            protocol: Protocol::Tcp,
+            target: target("10.0.0.1:1")
+        }
         .to_string()
-        .starts_with("forwards:"));
+        .starts_with("forwards:")
+    );
 }
 
 #[test]
 fn masquerade_sources_merge_networks_and_targets() {
     let r = ForwardingRuleset::new(
         [public()],
-        ["10.244.1.0/24".parse().unwrap(), "10.244.3.0/25".parse().unwrap()],
+        [
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.3.0/25".parse().unwrap(),
+        ],
         [
             Forward::new(Protocol::Tcp, 1, target("10.244.1.2:1")), // inside a network
             Forward::new(Protocol::Tcp, 2, target("10.244.3.128:1")), // adjacent to a network
@@ -108,9 +157,16 @@ fn masquerade_sources_merge_networks_and_targets() {
             ("10.244.3.0".into(), "10.244.3.128".into()),
         ]
     );
-    let cidrs: Vec<String> = r.masquerade_sources()[2].to_cidrs().iter().map(|c| c.to_string()).collect();
+    let cidrs: Vec<String> = r.masquerade_sources()[2]
+        .to_cidrs()
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     assert_eq!(cidrs, ["10.244.3.0/25", "10.244.3.128/32"]);
-    assert_eq!(r.masquerade_sources()[1].as_cidr().unwrap().to_string(), "10.244.1.0/24");
+    assert_eq!(
+        r.masquerade_sources()[1].as_cidr().unwrap().to_string(),
+        "10.244.1.0/24"
+    );
     assert_eq!(r.masquerade_sources()[0].as_cidr(), None);
 }
 
@@ -133,7 +189,10 @@ proptest! {
 
 #[test]
 fn unchanged_rulesets_reset_nothing() {
-    let r = ruleset(&[(Protocol::Udp, 9000, "10.244.1.2:8000"), (Protocol::Tcp, 9000, "10.244.1.2:8000")]);
+    let r = ruleset(&[
+        (Protocol::Udp, 9000, "10.244.1.2:8000"),
+        (Protocol::Tcp, 9000, "10.244.1.2:8000"),
+    ]);
     assert!(stale_udp_flows(&r, &r).is_empty());
 }
 
@@ -149,9 +208,12 @@ fn removed_changed_and_added_udp_forwards_are_stale_tcp_never() {
         (Protocol::Udp, 9001, "10.244.1.3:8001"), // target changed
         (Protocol::Udp, 9002, "10.244.1.2:8002"), // unchanged
         (Protocol::Udp, 9004, "10.244.1.2:8004"), // added
-        // tcp 9003 removed, udp 9000 removed
+                                                  // tcp 9003 removed, udp 9000 removed
     ]);
-    let ports: Vec<u16> = stale_udp_flows(&before, &after).iter().map(|k| k.public_port).collect();
+    let ports: Vec<u16> = stale_udp_flows(&before, &after)
+        .iter()
+        .map(|k| k.public_port)
+        .collect();
     assert_eq!(ports, [9000, 9001, 9004]);
 }
 
@@ -168,8 +230,14 @@ fn a_removed_public_address_makes_its_udp_flows_stale() {
     assert_eq!(
         stale,
         [
-            UdpFlowKey { public_address: public(), public_port: 9000 },
-            UdpFlowKey { public_address: Ipv4Addr::new(203, 0, 113, 20), public_port: 9000 },
+            UdpFlowKey {
+                public_address: public(),
+                public_port: 9000
+            },
+            UdpFlowKey {
+                public_address: Ipv4Addr::new(203, 0, 113, 20),
+                public_port: 9000
+            },
         ]
     );
 }
@@ -188,7 +256,11 @@ fn arbitrary_ruleset() -> impl Strategy<Value = ForwardingRuleset> {
                     .into_iter()
                     .map(|(udp, port, host, target_port)| {
                         let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
-                        Forward::new(protocol, port, SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), target_port))
+                        Forward::new(
+                            protocol,
+                            port,
+                            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, host), target_port),
+                        )
                     })
                     .filter(|f| seen.insert(f.key()))
                     .collect::<Vec<_>>(),
@@ -266,18 +338,30 @@ proptest! {
 fn a_missing_table_or_element_is_drift() {
     let r = ruleset(&[(Protocol::Tcp, 9000, "10.244.1.2:8000")]);
     let missing = nft::inspect_listing(&r, None).unwrap();
-    assert_eq!(missing.difference.as_deref(), Some("table ip uwsgi_it is missing"));
+    assert_eq!(
+        missing.difference.as_deref(),
+        Some("table ip uwsgi_it is missing")
+    );
     assert!(missing.installed.forwards().is_empty());
 
     let fewer = ruleset(&[]);
     let listing = serde_json::json!({ "nftables": nft::table_objects(&fewer) }).to_string();
     let drift = nft::inspect_listing(&r, Some(&listing)).unwrap();
-    assert!(drift.difference.unwrap().contains("forward_"), "map difference expected");
+    assert!(
+        drift.difference.unwrap().contains("forward_"),
+        "map difference expected"
+    );
 
     let flushed = "*nat\n:PREROUTING ACCEPT [0:0]\n:UWSGI-IT-PREROUTING - [0:0]\n:UWSGI-IT-OUTPUT - [0:0]\n:UWSGI-IT-FORWARDS - [0:0]\n:UWSGI-IT-POSTROUTING - [0:0]\nCOMMIT\n";
     let inspection = iptables::inspect_save(&r, flushed);
     assert_eq!(inspection.missing_jumps.len(), 3);
-    assert_eq!(inspection.difference.as_deref(), Some("rules of chain UWSGI-IT-PREROUTING differ"));
+    assert_eq!(
+        inspection.difference.as_deref(),
+        Some("rules of chain UWSGI-IT-PREROUTING differ")
+    );
     let absent = iptables::inspect_save(&r, "*nat\nCOMMIT\n");
-    assert_eq!(absent.difference.as_deref(), Some("chain UWSGI-IT-PREROUTING is missing"));
+    assert_eq!(
+        absent.difference.as_deref(),
+        Some("chain UWSGI-IT-PREROUTING is missing")
+    );
 }

@@ -1,0 +1,316 @@
+//! Container homes: created and kept right for this node's admitted Containers, measured
+//! against their storage reservation, and released (archived, retained or deleted) when a
+//! Container is deleted.
+//!
+//! The deletion handshake with the controller: the controller holds its finalizer on a deleted
+//! Container, stops the Pod and writes `Running=False` reason `Stopped` (a container without a
+//! distro never has `Running`). The agent then applies `homeRetention` and writes
+//! `HomeReady=False` reason [`HOME_RELEASED_REASON`], on which the controller lets the Container
+//! go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+use uwsgi_it_api::Container;
+use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
+use uwsgi_it_domain::config::HomeRetention;
+
+use crate::Context;
+use crate::homes::{ArchiveOutcome, HomeError, HomeSpec, Retention, threshold_crossed};
+use crate::reporter::DesiredCondition;
+use crate::scope::Caches;
+
+/// `HomeReady=False` reason once a deleted container's home has been released; the controller
+/// releases its finalizer on it (the controller's `HOME_RELEASED_REASON`).
+pub const HOME_RELEASED_REASON: &str = "HomeReleased";
+/// `Running=False` reason the controller writes once a deleted container's Pod is gone.
+pub const STOPPED_REASON: &str = "Stopped";
+/// Container condition: the home's storage use is below its `quotaThreshold`.
+pub const STORAGE_WITHIN_QUOTA: &str = "StorageWithinQuota";
+/// Reason of `HomeReady=True`.
+pub const HOME_READY_REASON: &str = "HomeReady";
+/// Reason of `StorageWithinQuota=False`, and of the Warning Event when it becomes so.
+pub const QUOTA_THRESHOLD_REACHED: &str = "QuotaThresholdReached";
+
+/// Every condition type the agent writes on a Container.
+const OWNED: &[&str] = &[HOME_READY, STORAGE_WITHIN_QUOTA];
+
+const MIB: u64 = 1024 * 1024;
+
+/// What the loop remembers between passes, by uid.
+#[derive(Default)]
+struct HomesState {
+    /// The spec each home was last made to match.
+    ensured: HashMap<u32, HomeSpec>,
+    /// Homes measured since start; the others are measured on the next pass.
+    measured: HashMap<u32, ()>,
+    /// What releasing a home said, kept until the controller lets the Container go, so a
+    /// failed status write is retried with the real outcome (a second archive finds nothing).
+    released: HashMap<u32, DesiredCondition>,
+}
+
+pub(crate) async fn homes_loop(ctx: Arc<Context>) -> anyhow::Result<()> {
+    let mut state = HomesState::default();
+    let mut resync = tokio::time::interval(ctx.config.port_forward.resync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let full = tokio::select! {
+            _ = resync.tick() => true,
+            _ = ctx.triggers.homes.notified() => false,
+        };
+        homes_pass(&ctx, &mut state, full).await;
+    }
+}
+
+/// The uid the controller gave a container, when it holds a reservation.
+fn placed_uid(container: &Container) -> Option<u32> {
+    let status = container.status.as_ref()?;
+    status.reserved.as_ref()?;
+    u32::try_from(status.uid?).ok()
+}
+
+async fn homes_pass(ctx: &Context, state: &mut HomesState, full: bool) {
+    let containers = Caches::mine(&ctx.caches.containers, &ctx.node);
+    let mut homes = 0;
+    for container in &containers {
+        let Some(uid) = placed_uid(container) else {
+            continue;
+        };
+        if container.meta().deletion_timestamp.is_some() {
+            release(ctx, state, container, uid).await;
+            continue;
+        }
+        state.released.remove(&uid);
+        if ensure(ctx, state, container, uid, full).await {
+            homes += 1;
+        }
+    }
+    ctx.metrics.set_homes(homes);
+}
+
+/// Makes the home match the Container and reports it; true when the home is ready.
+async fn ensure(
+    ctx: &Context,
+    state: &mut HomesState,
+    container: &Container,
+    uid: u32,
+    full: bool,
+) -> bool {
+    let spec = HomeSpec {
+        uid,
+        storage_container: container.spec.custom_distros_storage,
+        ssh_keys: container.spec.ssh_keys.clone(),
+    };
+    let conditions = container
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let reported_ready = condition::is_true(conditions, HOME_READY);
+    let up_to_date = state.ensured.get(&uid) == Some(&spec) && reported_ready;
+    if up_to_date && !full && state.measured.contains_key(&uid) {
+        return true;
+    }
+
+    let homes = ctx.homes.clone();
+    let to_ensure = spec.clone();
+    let ensured = tokio::task::spawn_blocking(move || homes.ensure(&to_ensure))
+        .await
+        .unwrap_or_else(|e| {
+            Err(HomeError::Io {
+                path: ctx.homes.root().to_owned(),
+                op: "ensure",
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    let mut desired = Vec::new();
+    let ready = match ensured {
+        Ok(report) => {
+            if !report.unchanged() {
+                let changes: Vec<String> = report.changes.iter().map(|c| c.to_string()).collect();
+                info!(uid, changes = %changes.join("; "), "home updated");
+            }
+            if let Some(path) = &report.unexpected_distros {
+                warn!(uid, path = %path.display(), "a container that is not a storage container has a distros entry; left alone");
+            }
+            state.ensured.insert(uid, spec);
+            desired.push(DesiredCondition::new(
+                HOME_READY,
+                true,
+                HOME_READY_REASON,
+                format!("home {} is ready", report.home.display()),
+            ));
+            true
+        }
+        Err(error) => {
+            state.ensured.remove(&uid);
+            desired.push(DesiredCondition::new(
+                HOME_READY,
+                false,
+                home_error_reason(&error),
+                error.to_string(),
+            ));
+            false
+        }
+    };
+    if ready && (full || !state.measured.contains_key(&uid)) {
+        if let Some(quota) = measure(ctx, container, uid).await {
+            desired.push(quota);
+        }
+        state.measured.insert(uid, ());
+    }
+    write(ctx, container, &desired).await;
+    ready
+}
+
+/// `StorageWithinQuota` from one walk of the home; `None` when the walk failed (logged, and
+/// the previous condition stands).
+async fn measure(ctx: &Context, container: &Container, uid: u32) -> Option<DesiredCondition> {
+    let homes = ctx.homes.clone();
+    let usage = match tokio::task::spawn_blocking(move || homes.usage(uid)).await {
+        Ok(Ok(usage)) => usage,
+        Ok(Err(error)) => {
+            warn!(uid, %error, "could not measure the home's storage use");
+            return None;
+        }
+        Err(error) => {
+            warn!(uid, %error, "storage measurement task failed");
+            return None;
+        }
+    };
+    let storage_mb = u64::try_from(container.spec.storage).unwrap_or(0);
+    let threshold = u32::try_from(container.spec.quota_threshold).unwrap_or(0);
+    let used_mb = usage.bytes.div_ceil(MIB);
+    let at_least = if usage.truncated { "at least " } else { "" };
+    let message =
+        format!("uses {at_least}{used_mb} MB of {storage_mb} MB (warning at {threshold}%)");
+    Some(if threshold_crossed(usage.bytes, storage_mb, threshold) {
+        DesiredCondition::new(
+            STORAGE_WITHIN_QUOTA,
+            false,
+            QUOTA_THRESHOLD_REACHED,
+            message,
+        )
+    } else {
+        DesiredCondition::new(STORAGE_WITHIN_QUOTA, true, "WithinQuota", message)
+    })
+}
+
+fn home_error_reason(error: &HomeError) -> &'static str {
+    match error {
+        HomeError::Symlink { .. } => "SymlinkRefused",
+        HomeError::NotADirectory { .. } | HomeError::NotARegularFile { .. } => "UnexpectedFileType",
+        HomeError::Path(_) => "InvalidPath",
+        HomeError::InvalidSshKey { .. } => "InvalidSshKey",
+        HomeError::MountPoint { .. } => "MountPointRefused",
+        HomeError::ArchiveExists { .. } => "ArchiveExists",
+        HomeError::NotFound { .. } | HomeError::NotEmpty { .. } | HomeError::Io { .. } => {
+            "HomeFailed"
+        }
+    }
+}
+
+/// Applies `homeRetention` to a deleted Container's home once its workload is stopped.
+async fn release(ctx: &Context, state: &mut HomesState, container: &Container, uid: u32) {
+    let conditions = container
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    if condition::find(conditions, HOME_READY).is_some_and(|c| c.reason == HOME_RELEASED_REASON) {
+        return;
+    }
+    if condition::find(conditions, RUNNING).is_some_and(|c| c.reason != STOPPED_REASON) {
+        // The controller is still stopping the Pod, which may be writing into the home.
+        return;
+    }
+    state.ensured.remove(&uid);
+    state.measured.remove(&uid);
+    let desired = match state.released.get(&uid) {
+        Some(done) => done.clone(),
+        None => {
+            let homes = ctx.homes.clone();
+            let retention = match ctx.config.home_retention {
+                HomeRetention::Retain => Retention::Retain,
+                HomeRetention::Archive => Retention::Archive,
+                HomeRetention::Delete => Retention::Delete,
+            };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let outcome = tokio::task::spawn_blocking(move || homes.archive(uid, retention, now))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match outcome {
+                Ok(outcome) => {
+                    let message = match outcome {
+                        ArchiveOutcome::Archived { to } => format!("archived to {}", to.display()),
+                        ArchiveOutcome::Retained { home } => {
+                            format!("retained at {}", home.display())
+                        }
+                        ArchiveOutcome::Deleted { home } => format!("deleted {}", home.display()),
+                        ArchiveOutcome::AlreadyGone => "no home left to release".to_owned(),
+                    };
+                    info!(uid, %message, "home released");
+                    let done =
+                        DesiredCondition::new(HOME_READY, false, HOME_RELEASED_REASON, message);
+                    state.released.insert(uid, done.clone());
+                    done
+                }
+                Err(error) => {
+                    warn!(uid, %error, "could not release the home");
+                    DesiredCondition::new(HOME_READY, false, "ReleaseFailed", error)
+                }
+            }
+        }
+    };
+    write(ctx, container, std::slice::from_ref(&desired)).await;
+}
+
+/// Writes the conditions; publishes an Event when a problem appears or the quota threshold is
+/// crossed (only on the write that changes the condition, so a persisting problem is one Event).
+async fn write(ctx: &Context, container: &Container, desired: &[DesiredCondition]) {
+    let before = container
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    match ctx.reporter.conditions(container, OWNED, desired).await {
+        Ok(true) => {
+            let reference = container.object_ref(&());
+            for want in desired {
+                let previous = condition::find(&before, want.type_);
+                let changed = previous.is_none_or(|c| c.reason != want.reason);
+                if !changed {
+                    continue;
+                }
+                if !want.status && want.reason != HOME_RELEASED_REASON {
+                    ctx.reporter
+                        .warning(&reference, &want.reason, "Reconcile", want.message.clone())
+                        .await;
+                } else if want.reason == HOME_RELEASED_REASON {
+                    ctx.reporter
+                        .normal(
+                            &reference,
+                            &want.reason,
+                            "ReleaseHome",
+                            want.message.clone(),
+                        )
+                        .await;
+                }
+            }
+        }
+        Ok(false) => {}
+        Err(error) => warn!(
+            %error,
+            container = %container.name_any(),
+            namespace = container.namespace().unwrap_or_default(),
+            "could not report the home's conditions"
+        ),
+    }
+}

@@ -1,0 +1,442 @@
+//! Port forwards: from this node's accepted PortMappings to the kernel.
+//!
+//! Event-driven: a PortMapping or Node change wakes the loop, which waits [`DEBOUNCE`] for the
+//! rest of a burst and applies the new desired ruleset, so a new mapping carries traffic well
+//! within a second. A periodic full resync (`portForward.resyncPeriod`) asks the backend to
+//! compare the kernel with the last programmed ruleset and rewrites it when they differ: that is
+//! drift (someone flushed the ruleset), and it is counted, logged and reported as a Warning
+//! Event on the Node.
+//!
+//! The loop only starts once the caches have synced and only ever reads them, so a restart or
+//! an API outage (where the caches keep their last state) never writes an emptier ruleset than
+//! the one that is working.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+use uwsgi_it_api::PortMapping;
+use uwsgi_it_api::condition::{self, ACCEPTED, PROGRAMMED};
+use uwsgi_it_domain::forwarding::{Forward, ForwardingRuleset, Ipv4Cidr, Protocol};
+
+use crate::Context;
+use crate::address::{declared_public_address, discover_public_address};
+use crate::reporter::DesiredCondition;
+use crate::scope::Caches;
+
+/// How long a change waits for the rest of its burst (a controller writing several mappings)
+/// before the ruleset is applied.
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
+
+/// Reason of `Programmed=True`.
+pub const PROGRAMMED_REASON: &str = "Programmed";
+
+/// What the agent makes of one of its node's PortMappings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded.
+    Forward(Forward),
+    /// The controller has not accepted it (yet, or refused it).
+    NotAccepted,
+    /// Accepted, but the container has no address yet.
+    WaitingForTarget,
+    /// Being deleted.
+    Deleting,
+    /// `status.target` or the ports cannot be forwarded.
+    InvalidTarget(String),
+    /// An earlier mapping holds the same protocol and public port (the controller refuses the
+    /// later one; this only covers the moment before it has).
+    Conflict { holder: String },
+}
+
+impl Outcome {
+    fn condition(&self, public: Option<Ipv4Addr>) -> DesiredCondition {
+        let false_ = |reason: &str, message: String| {
+            DesiredCondition::new(PROGRAMMED, false, reason, message)
+        };
+        match self {
+            Outcome::Forward(forward) => {
+                let public = public.map_or_else(|| "the node".to_owned(), |a| a.to_string());
+                DesiredCondition::new(
+                    PROGRAMMED,
+                    true,
+                    PROGRAMMED_REASON,
+                    format!(
+                        "{public}:{}/{} is forwarded to {}",
+                        forward.public_port, forward.protocol, forward.target
+                    ),
+                )
+            }
+            Outcome::NotAccepted => false_(
+                "NotAccepted",
+                "the controller has not accepted this mapping".into(),
+            ),
+            Outcome::WaitingForTarget => false_(
+                "WaitingForTarget",
+                "the container has no private address yet".into(),
+            ),
+            Outcome::Deleting => false_("Deleting", "the mapping is being deleted".into()),
+            Outcome::InvalidTarget(message) => false_("InvalidTarget", message.clone()),
+            Outcome::Conflict { holder } => false_(
+                "PortConflict",
+                format!("{holder} holds this protocol and public port on the node"),
+            ),
+        }
+    }
+}
+
+/// The node's forwards and a verdict for every mapping.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardingPlan {
+    pub forwards: Vec<Forward>,
+    pub verdicts: Vec<(Arc<PortMapping>, Outcome)>,
+}
+
+/// Decides which of the node's mappings are forwarded. Pure: the caller has already kept only
+/// this node's mappings. Earlier mappings (creation time, then namespace/name) win a port, as
+/// in the controller's admission.
+pub fn plan_forwards(mappings: &[Arc<PortMapping>]) -> ForwardingPlan {
+    let mut ordered: Vec<&Arc<PortMapping>> = mappings.iter().collect();
+    ordered.sort_by_key(|m| {
+        (
+            m.meta().creation_timestamp.clone().map(|t| t.0),
+            m.namespace(),
+            m.name_any(),
+        )
+    });
+    let mut holders: BTreeMap<(Protocol, u16), String> = BTreeMap::new();
+    let mut plan = ForwardingPlan::default();
+    for mapping in ordered {
+        let outcome = outcome_of(mapping, &mut holders);
+        if let Outcome::Forward(forward) = &outcome {
+            plan.forwards.push(*forward);
+        }
+        plan.verdicts.push((mapping.clone(), outcome));
+    }
+    plan
+}
+
+fn outcome_of(mapping: &PortMapping, holders: &mut BTreeMap<(Protocol, u16), String>) -> Outcome {
+    if mapping.meta().deletion_timestamp.is_some() {
+        return Outcome::Deleting;
+    }
+    let status = mapping.status.clone().unwrap_or_default();
+    if !condition::is_true(&status.conditions, ACCEPTED) {
+        return Outcome::NotAccepted;
+    }
+    let Some(target) = status.target.as_deref() else {
+        return Outcome::WaitingForTarget;
+    };
+    let Ok(target) = target.parse::<SocketAddrV4>() else {
+        return Outcome::InvalidTarget(format!(
+            "status.target {target:?} is not an IPv4 address:port"
+        ));
+    };
+    let Ok(public_port) = u16::try_from(mapping.spec.public_port) else {
+        return Outcome::InvalidTarget(format!(
+            "spec.publicPort {} is not a port",
+            mapping.spec.public_port
+        ));
+    };
+    let protocol = match mapping.spec.proto {
+        uwsgi_it_api::Protocol::Tcp => Protocol::Tcp,
+        uwsgi_it_api::Protocol::Udp => Protocol::Udp,
+    };
+    let forward = Forward::new(protocol, public_port, target);
+    // Validated alone, so one bad mapping cannot stop the node's other forwards.
+    if let Err(error) = ForwardingRuleset::new([], [], [forward]) {
+        return Outcome::InvalidTarget(error.to_string());
+    }
+    let name = format!(
+        "{}/{}",
+        mapping.namespace().unwrap_or_default(),
+        mapping.name_any()
+    );
+    match holders.get(&forward.key()) {
+        Some(holder) => Outcome::Conflict {
+            holder: holder.clone(),
+        },
+        None => {
+            holders.insert(forward.key(), name);
+            Outcome::Forward(forward)
+        }
+    }
+}
+
+/// The networks whose DNATed traffic is masqueraded (hairpin): the configured ones and the
+/// Node's pod CIDRs. The forward targets themselves are always added by the ruleset.
+pub fn container_networks(node: Option<&Node>, configured: &[Ipv4Cidr]) -> Vec<Ipv4Cidr> {
+    let spec = node.and_then(|n| n.spec.as_ref());
+    let pod_cidrs = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()));
+    configured
+        .iter()
+        .copied()
+        .chain(pod_cidrs.filter_map(|text| text.parse().ok()))
+        .collect()
+}
+
+/// What the loop remembers between syncs.
+#[derive(Default)]
+struct SyncState {
+    /// The ruleset last written or confirmed in the kernel.
+    last_applied: Option<ForwardingRuleset>,
+}
+
+/// Runs forever: an initial sync, then one per change and one per resync period.
+pub(crate) async fn forwarding_loop(ctx: Arc<Context>) -> anyhow::Result<()> {
+    let mut state = SyncState::default();
+    let mut resync = tokio::time::interval(ctx.config.port_forward.resync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: it is the initial sync, a full one.
+    loop {
+        let full = tokio::select! {
+            _ = resync.tick() => true,
+            _ = ctx.triggers.forwarding.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                false
+            }
+        };
+        sync_once(&ctx, &mut state, full).await;
+    }
+}
+
+async fn public_address(ctx: &Context, node: Option<&Node>) -> Option<Ipv4Addr> {
+    if let Some(address) = node.and_then(declared_public_address) {
+        return Some(address);
+    }
+    match discover_public_address(&ctx.netns).await {
+        Ok(address) => address,
+        Err(error) => {
+            warn!(%error, "could not read the node's addresses through rtnetlink");
+            None
+        }
+    }
+}
+
+async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
+    let started = Instant::now();
+    let mappings = Caches::mine(&ctx.caches.mappings, &ctx.node);
+    let node = ctx.caches.node.state().into_iter().next();
+    let plan = plan_forwards(&mappings);
+    let public = public_address(ctx, node.as_deref()).await;
+    let networks = container_networks(node.as_deref(), &ctx.container_networks);
+
+    let desired = match public {
+        Some(address) => ForwardingRuleset::new([address], networks, plan.forwards.clone())
+            .map_err(|e| e.to_string()),
+        // Nothing to forward needs no address; anything else would be a guess.
+        None if plan.forwards.is_empty() => {
+            ForwardingRuleset::new([], networks, []).map_err(|e| e.to_string())
+        }
+        None => Err(format!(
+            "node {} has no public address: no {} annotation, no ExternalIP or InternalIP, and no global IPv4 address on the default route's interface",
+            ctx.node,
+            uwsgi_it_api::well_known::ADDRESS_ANNOTATION
+        )),
+    };
+
+    let result = match desired {
+        Ok(desired) if !full && state.last_applied.as_ref() == Some(&desired) => Ok(desired),
+        Ok(desired) => apply(ctx, state, desired).await,
+        Err(error) => Err(error),
+    };
+    match &result {
+        Ok(applied) => {
+            ctx.metrics
+                .sync_succeeded(started.elapsed(), applied.forwards().len());
+            state.last_applied = Some(applied.clone());
+            ctx.ready.send_replace(true);
+        }
+        Err(error) => {
+            ctx.metrics.sync_failed(started.elapsed());
+            warn!(%error, "forwarding sync failed; the previous rules stay in place");
+        }
+    }
+    report(ctx, state, &plan, public, result.as_ref().err()).await;
+}
+
+async fn apply(
+    ctx: &Context,
+    state: &SyncState,
+    desired: ForwardingRuleset,
+) -> Result<ForwardingRuleset, String> {
+    let backend = ctx.backend.clone();
+    let to_apply = desired.clone();
+    let report = tokio::task::spawn_blocking(move || backend.apply(&to_apply))
+        .await
+        .map_err(|e| format!("forwarding task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+    if report.rewritten {
+        let difference = report.difference.clone().unwrap_or_default();
+        if state.last_applied.as_ref() == Some(&desired) {
+            ctx.metrics.drift_repaired();
+            warn!(%difference, backend = ctx.backend.name(), "forwarding rules drifted; rewrote them");
+            if let Some(node) = ctx.caches.node.state().into_iter().next() {
+                ctx.reporter
+                    .warning(
+                        &node.object_ref(&()),
+                        "ForwardingDriftRepaired",
+                        "RepairForwarding",
+                        format!(
+                            "the {} rules differed from the programmed ones ({difference}); rewrote them",
+                            ctx.backend.name()
+                        ),
+                    )
+                    .await;
+            }
+        } else {
+            info!(
+                forwards = report.forwards,
+                %difference,
+                duration = ?report.duration,
+                backend = ctx.backend.name(),
+                "forwarding rules written"
+            );
+        }
+        for failure in &report.conntrack_failures {
+            warn!(%failure, "conntrack cleanup failed; affected UDP flows recover when their entries expire");
+        }
+    }
+    Ok(desired)
+}
+
+/// Reports `Programmed` on every mapping of the node. When the sync failed, forwards that the
+/// kernel still holds from the last good sync stay `True`: a failed transaction changes nothing.
+async fn report(
+    ctx: &Context,
+    state: &SyncState,
+    plan: &ForwardingPlan,
+    public: Option<Ipv4Addr>,
+    failure: Option<&String>,
+) {
+    let conditions = plan.verdicts.iter().map(|(mapping, outcome)| {
+        let condition = match (outcome, failure) {
+            (Outcome::Forward(forward), Some(error)) => {
+                let still_programmed = state.last_applied.as_ref().is_some_and(|r| {
+                    r.target_of(forward.protocol, forward.public_port) == Some(forward.target)
+                });
+                if still_programmed {
+                    outcome.condition(public)
+                } else {
+                    DesiredCondition::new(PROGRAMMED, false, "SyncFailed", error.clone())
+                }
+            }
+            _ => outcome.condition(public),
+        };
+        (mapping.clone(), condition)
+    });
+    futures::stream::iter(conditions)
+        .for_each_concurrent(8, |(mapping, condition)| async move {
+            if let Err(error) = ctx
+                .reporter
+                .conditions(
+                    mapping.as_ref(),
+                    &[PROGRAMMED],
+                    std::slice::from_ref(&condition),
+                )
+                .await
+            {
+                warn!(
+                    %error,
+                    mapping = %mapping.name_any(),
+                    namespace = mapping.namespace().unwrap_or_default(),
+                    "could not report Programmed"
+                );
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    fn mapping(
+        name: &str,
+        created: i64,
+        proto: &str,
+        port: i32,
+        target: Option<&str>,
+    ) -> Arc<PortMapping> {
+        let mut status = json!({
+            "server": "n1",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        });
+        if let Some(target) = target {
+            status["target"] = json!(target);
+        }
+        let mut object: PortMapping = serde_json::from_value(json!({
+            "apiVersion": "uwsgi.it/v1alpha1",
+            "kind": "PortMapping",
+            "metadata": {"name": name, "namespace": "acme"},
+            "spec": {"container": "hydra", "proto": proto, "publicPort": port, "privatePort": 8000},
+            "status": status,
+        }))
+        .unwrap();
+        object.metadata.creation_timestamp =
+            Some(Time(jiff::Timestamp::from_second(created).unwrap()));
+        Arc::new(object)
+    }
+
+    #[test]
+    fn the_earlier_mapping_keeps_a_port() {
+        let plan = plan_forwards(&[
+            mapping("late", 20, "tcp", 9000, Some("10.244.1.3:8000")),
+            mapping("early", 10, "tcp", 9000, Some("10.244.1.2:8000")),
+            mapping("udp", 30, "udp", 9000, Some("10.244.1.3:8000")),
+        ]);
+        assert_eq!(plan.forwards.len(), 2);
+        assert_eq!(
+            plan.forwards[0].target,
+            "10.244.1.2:8000".parse().unwrap(),
+            "{plan:?}"
+        );
+        let late = plan
+            .verdicts
+            .iter()
+            .find(|(m, _)| m.name_any() == "late")
+            .unwrap();
+        assert_eq!(
+            late.1,
+            Outcome::Conflict {
+                holder: "acme/early".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unusable_mappings_are_left_out_with_a_reason() {
+        let plan = plan_forwards(&[
+            mapping("no-target", 1, "tcp", 9000, None),
+            mapping("loopback", 2, "tcp", 9001, Some("127.0.0.1:8000")),
+            mapping("garbage", 3, "tcp", 9002, Some("hydra:8000")),
+        ]);
+        assert!(plan.forwards.is_empty());
+        assert_eq!(plan.verdicts[0].1, Outcome::WaitingForTarget);
+        assert!(matches!(plan.verdicts[1].1, Outcome::InvalidTarget(_)));
+        assert!(matches!(plan.verdicts[2].1, Outcome::InvalidTarget(_)));
+    }
+
+    #[test]
+    fn pod_cidrs_of_the_node_are_masqueraded() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+        }))
+        .unwrap();
+        let networks = container_networks(Some(&node), &["10.9.0.0/16".parse().unwrap()]);
+        assert!(networks.contains(&"10.244.1.0/24".parse().unwrap()));
+        assert!(networks.contains(&"10.9.0.0/16".parse().unwrap()));
+    }
+}

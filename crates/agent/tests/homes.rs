@@ -1,0 +1,680 @@
+//! The home manager on real temporary directories. Needs root (it chowns to container uids).
+//!
+//! Every test has its own temporary directory holding `homes/` (the homeRoot) and `outside/`
+//! (what an attacker would like the agent to touch through a planted symlink), so the tests run
+//! in parallel.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+use uwsgi_it_agent::homes::{
+    ArchiveOutcome, HomeChange, HomeError, HomeSpec, Homes, Retention, UsageLimits,
+};
+
+const UID: u32 = 30001;
+const MIB: u64 = 1024 * 1024;
+const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA alice@example";
+const KEY_B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB bob@example";
+
+struct Fixture {
+    _tmp: TempDir,
+    root: PathBuf,
+    outside: PathBuf,
+    homes: Homes,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        assert!(
+            running_as_root(),
+            "these tests chown to container uids and must run as root"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("homes");
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let homes = Homes::new(root.clone()).unwrap();
+        Fixture {
+            _tmp: tmp,
+            root,
+            outside,
+            homes,
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.root.join(UID.to_string())
+    }
+
+    /// A directory outside homeRoot, owned by root, mode 0750, holding `secret` = "secret".
+    fn outside_dir(&self) -> PathBuf {
+        let dir = self.outside.join("dir");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
+        fs::write(dir.join("secret"), "secret").unwrap();
+        dir
+    }
+
+    fn outside_file(&self) -> PathBuf {
+        let file = self.outside.join("file");
+        fs::write(&file, "outside content\n").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o640)).unwrap();
+        file
+    }
+}
+
+fn running_as_root() -> bool {
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn spec(storage_container: bool, keys: &[&str]) -> HomeSpec {
+    HomeSpec {
+        uid: UID,
+        storage_container,
+        ssh_keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+    }
+}
+
+/// (uid, gid, permission bits) of `path`, not following a symlink.
+fn owner_mode(path: &Path) -> (u32, u32, u32) {
+    let meta = fs::symlink_metadata(path).unwrap();
+    (meta.uid(), meta.gid(), meta.mode() & 0o7777)
+}
+
+/// Everything an attacker could have changed about a directory tree outside homeRoot.
+fn snapshot(path: &Path) -> Vec<(PathBuf, u32, u32, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        let meta = fs::symlink_metadata(&p).unwrap();
+        let content = if meta.is_file() {
+            fs::read(&p).unwrap()
+        } else {
+            Vec::new()
+        };
+        out.push((p.clone(), meta.uid(), meta.gid(), meta.mode(), content));
+        if meta.is_dir() {
+            let mut children: Vec<_> = fs::read_dir(&p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            children.sort();
+            stack.extend(children);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn assert_symlink_error(error: HomeError, path: &Path) {
+    let message = error.to_string();
+    match &error {
+        HomeError::Symlink { path: reported } => assert_eq!(reported, path, "{message}"),
+        other => panic!("expected a symlink refusal for {path:?}, got {other:?}"),
+    }
+    assert!(
+        message.contains(&path.display().to_string()) && message.contains("symbolic link"),
+        "{message}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// ensure
+
+#[test]
+fn creates_the_home_owned_by_the_uid_private_and_idempotently() {
+    let f = Fixture::new();
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert_eq!(report.home, f.home());
+    assert!(report.changes.contains(&HomeChange::CreatedDir {
+        path: f.root.clone()
+    }));
+    assert!(
+        report
+            .changes
+            .contains(&HomeChange::CreatedDir { path: f.home() })
+    );
+    assert!(!report.unchanged());
+    assert_eq!(report.unexpected_distros, None);
+
+    assert_eq!(owner_mode(&f.root), (0, 0, 0o711));
+    assert_eq!(owner_mode(&f.home()), (UID, UID, 0o700));
+    assert_eq!(owner_mode(&f.home().join(".ssh")), (UID, UID, 0o700));
+    assert!(!f.home().join("distros").exists());
+    assert!(!f.home().join(".ssh/authorized_keys").exists());
+
+    let again = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert!(again.unchanged(), "{:?}", again.changes);
+    assert_eq!(owner_mode(&f.home()), (UID, UID, 0o700));
+}
+
+#[test]
+fn an_existing_home_root_keeps_its_mode() {
+    let f = Fixture::new();
+    fs::create_dir(&f.root).unwrap();
+    fs::set_permissions(&f.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert!(!report.changes.contains(&HomeChange::CreatedDir {
+        path: f.root.clone()
+    }));
+    assert_eq!(owner_mode(&f.root), (0, 0, 0o755));
+}
+
+#[test]
+fn repairs_owner_and_mode_and_says_so() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    std::os::unix::fs::chown(f.home(), Some(0), Some(0)).unwrap();
+    fs::set_permissions(f.home(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(f.home().join(".ssh"), fs::Permissions::from_mode(0o777)).unwrap();
+
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert!(report.changes.contains(&HomeChange::FixedOwner {
+        path: f.home(),
+        from_uid: 0,
+        from_gid: 0
+    }));
+    assert!(report.changes.contains(&HomeChange::FixedMode {
+        path: f.home(),
+        from_mode: 0o755
+    }));
+    assert!(report.changes.contains(&HomeChange::FixedMode {
+        path: f.home().join(".ssh"),
+        from_mode: 0o777
+    }));
+    assert_eq!(owner_mode(&f.home()), (UID, UID, 0o700));
+    assert_eq!(owner_mode(&f.home().join(".ssh")), (UID, UID, 0o700));
+    assert!(f.homes.ensure(&spec(false, &[])).unwrap().unchanged());
+}
+
+#[test]
+fn distros_only_for_storage_containers() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    assert!(!f.home().join("distros").exists());
+
+    let report = f.homes.ensure(&spec(true, &[])).unwrap();
+    assert_eq!(
+        report.changes,
+        [HomeChange::CreatedDir {
+            path: f.home().join("distros")
+        }]
+    );
+    assert_eq!(owner_mode(&f.home().join("distros")), (UID, UID, 0o755));
+    assert!(f.homes.ensure(&spec(true, &[])).unwrap().unchanged());
+
+    // Turned off: left alone (it may hold customer data) but reported.
+    fs::write(f.home().join("distros/keep"), "x").unwrap();
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert!(report.unchanged());
+    assert_eq!(report.unexpected_distros, Some(f.home().join("distros")));
+    assert_eq!(fs::read(f.home().join("distros/keep")).unwrap(), b"x");
+}
+
+#[test]
+fn keys_are_written_rewritten_on_change_and_removed_when_empty() {
+    let f = Fixture::new();
+    let keys = f.home().join(".ssh/authorized_keys");
+
+    let report = f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    assert!(report.changes.contains(&HomeChange::WroteAuthorizedKeys {
+        path: keys.clone(),
+        keys: 1
+    }));
+    assert_eq!(fs::read_to_string(&keys).unwrap(), format!("{KEY_A}\n"));
+    assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
+    assert!(f.homes.ensure(&spec(false, &[KEY_A])).unwrap().unchanged());
+
+    let report = f.homes.ensure(&spec(false, &[KEY_A, KEY_B])).unwrap();
+    assert_eq!(
+        report.changes,
+        [HomeChange::WroteAuthorizedKeys {
+            path: keys.clone(),
+            keys: 2
+        }]
+    );
+    assert_eq!(
+        fs::read_to_string(&keys).unwrap(),
+        format!("{KEY_A}\n{KEY_B}\n")
+    );
+    assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
+    // No temp file left behind.
+    let names: Vec<_> = fs::read_dir(f.home().join(".ssh"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["authorized_keys"]);
+
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert_eq!(
+        report.changes,
+        [HomeChange::RemovedAuthorizedKeys { path: keys.clone() }]
+    );
+    assert!(!keys.exists());
+    assert!(f.homes.ensure(&spec(false, &[])).unwrap().unchanged());
+}
+
+#[test]
+fn a_tampered_keys_file_is_replaced_not_modified() {
+    let f = Fixture::new();
+    let keys = f.home().join(".ssh/authorized_keys");
+    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+
+    // Right content, wrong mode: sshd would refuse it.
+    fs::set_permissions(&keys, fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(!f.homes.ensure(&spec(false, &[KEY_A])).unwrap().unchanged());
+    assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
+
+    // A hard link to a file outside: the agent must write a new file, never into the linked one.
+    let outside = f.outside_file();
+    let before = snapshot(&f.outside);
+    fs::remove_file(&keys).unwrap();
+    fs::hard_link(&outside, &keys).unwrap();
+    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    assert_eq!(snapshot(&f.outside), before);
+    assert_eq!(fs::read_to_string(&keys).unwrap(), format!("{KEY_A}\n"));
+    assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
+    assert_eq!(fs::metadata(&keys).unwrap().nlink(), 1);
+}
+
+#[test]
+fn keys_with_line_breaks_are_refused_before_anything_changes() {
+    let f = Fixture::new();
+    let error = f
+        .homes
+        .ensure(&spec(
+            false,
+            &[KEY_A, "ssh-rsa AAAA\ncommand=\"sh\" ssh-rsa BBBB"],
+        ))
+        .unwrap_err();
+    assert!(
+        matches!(error, HomeError::InvalidSshKey { index: 1 }),
+        "{error:?}"
+    );
+    assert!(!f.root.exists());
+}
+
+#[test]
+fn uids_below_the_container_range_are_refused() {
+    let f = Fixture::new();
+    let error = f
+        .homes
+        .ensure(&HomeSpec {
+            uid: 0,
+            ..HomeSpec::default()
+        })
+        .unwrap_err();
+    assert!(matches!(error, HomeError::Path(_)), "{error:?}");
+    assert!(!f.root.exists());
+    assert!(f.homes.usage(1000).is_err());
+    assert!(f.homes.archive(1000, Retention::Delete, 1).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// symlinks and other planted things
+
+#[test]
+fn a_symlinked_home_is_refused_and_the_target_untouched() {
+    let f = Fixture::new();
+    let target = f.outside_dir();
+    fs::create_dir(&f.root).unwrap();
+    symlink(&target, f.home()).unwrap();
+    let before = snapshot(&f.outside);
+
+    let error = f.homes.ensure(&spec(true, &[KEY_A])).unwrap_err();
+    assert_symlink_error(error, &f.home());
+    assert_eq!(snapshot(&f.outside), before);
+    assert_eq!(owner_mode(&target), (0, 0, 0o750));
+
+    // Nor may archiving or deleting go through it.
+    for retention in [Retention::Archive, Retention::Delete, Retention::Retain] {
+        let error = f.homes.archive(UID, retention, 1).unwrap_err();
+        assert_symlink_error(error, &f.home());
+    }
+    assert!(f.homes.usage(UID).is_err());
+    assert_eq!(snapshot(&f.outside), before);
+    assert!(
+        fs::symlink_metadata(f.home())
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_symlinked_ssh_dir_is_refused_and_the_target_untouched() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let target = f.outside_dir();
+    let ssh = f.home().join(".ssh");
+    fs::remove_dir(&ssh).unwrap();
+    symlink(&target, &ssh).unwrap();
+    let before = snapshot(&f.outside);
+
+    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    assert_symlink_error(error, &ssh);
+    assert_eq!(snapshot(&f.outside), before);
+    assert!(!target.join("authorized_keys").exists());
+    assert_eq!(owner_mode(&target), (0, 0, 0o750));
+}
+
+#[test]
+fn a_symlinked_keys_file_is_refused_and_the_target_untouched() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    let target = f.outside_file();
+    let keys = f.home().join(".ssh/authorized_keys");
+    fs::remove_file(&keys).unwrap();
+    symlink(&target, &keys).unwrap();
+    let before = snapshot(&f.outside);
+
+    for key_list in [&[KEY_B][..], &[]] {
+        let error = f.homes.ensure(&spec(false, key_list)).unwrap_err();
+        assert_symlink_error(error, &keys);
+        assert_eq!(snapshot(&f.outside), before);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "outside content\n");
+        assert_eq!(owner_mode(&target), (0, 0, 0o640));
+    }
+}
+
+#[test]
+fn a_symlinked_distros_dir_is_refused() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let target = f.outside_dir();
+    let distros = f.home().join("distros");
+    symlink(&target, &distros).unwrap();
+    let before = snapshot(&f.outside);
+
+    let error = f.homes.ensure(&spec(true, &[])).unwrap_err();
+    assert_symlink_error(error, &distros);
+    assert_eq!(snapshot(&f.outside), before);
+}
+
+#[test]
+fn a_symlinked_home_root_is_refused() {
+    let f = Fixture::new();
+    let target = f.outside_dir();
+    symlink(&target, &f.root).unwrap();
+    let before = snapshot(&f.outside);
+    let error = f.homes.ensure(&spec(false, &[])).unwrap_err();
+    assert_symlink_error(error, &f.root);
+    assert_eq!(snapshot(&f.outside), before);
+}
+
+#[test]
+fn a_file_where_a_directory_belongs_is_refused_with_its_kind() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let ssh = f.home().join(".ssh");
+    fs::remove_dir(&ssh).unwrap();
+    fs::write(&ssh, "not a dir").unwrap();
+    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    assert!(
+        matches!(&error, HomeError::NotADirectory { path, found: "regular file" } if *path == ssh),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains(&ssh.display().to_string()));
+}
+
+#[test]
+fn a_fifo_as_keys_file_is_refused_without_hanging() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let keys = f.home().join(".ssh/authorized_keys");
+    mkfifo(&keys);
+    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    assert!(
+        matches!(&error, HomeError::NotARegularFile { path, found: "FIFO" } if *path == keys),
+        "{error:?}"
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// archive, retain, delete
+
+#[test]
+fn archive_moves_the_home_with_its_files() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    fs::write(f.home().join("data.txt"), "customer data").unwrap();
+
+    let outcome = f
+        .homes
+        .archive(UID, Retention::Archive, 1_700_000_000)
+        .unwrap();
+    let archived = f.root.join(".archive").join(format!("{UID}-1700000000"));
+    assert_eq!(
+        outcome,
+        ArchiveOutcome::Archived {
+            to: archived.clone()
+        }
+    );
+    assert!(!f.home().exists());
+    assert_eq!(
+        fs::read(archived.join("data.txt")).unwrap(),
+        b"customer data"
+    );
+    assert_eq!(
+        fs::read_to_string(archived.join(".ssh/authorized_keys")).unwrap(),
+        format!("{KEY_A}\n")
+    );
+    assert_eq!(owner_mode(&archived), (UID, UID, 0o700));
+    assert_eq!(owner_mode(&f.root.join(".archive")), (0, 0, 0o700));
+
+    // Idempotent.
+    assert_eq!(
+        f.homes
+            .archive(UID, Retention::Archive, 1_700_000_001)
+            .unwrap(),
+        ArchiveOutcome::AlreadyGone
+    );
+}
+
+#[test]
+fn archive_refuses_to_overwrite_an_earlier_archive() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    f.homes.archive(UID, Retention::Archive, 5).unwrap();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    fs::write(f.home().join("second"), "2").unwrap();
+    let error = f.homes.archive(UID, Retention::Archive, 5).unwrap_err();
+    assert!(
+        matches!(error, HomeError::ArchiveExists { .. }),
+        "{error:?}"
+    );
+    assert!(f.home().join("second").exists());
+}
+
+#[test]
+fn a_symlinked_archive_dir_is_refused() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let target = f.outside_dir();
+    symlink(&target, f.root.join(".archive")).unwrap();
+    let before = snapshot(&f.outside);
+    let error = f.homes.archive(UID, Retention::Archive, 7).unwrap_err();
+    assert_symlink_error(error, &f.root.join(".archive"));
+    assert_eq!(snapshot(&f.outside), before);
+    assert!(f.home().is_dir());
+}
+
+#[test]
+fn retain_leaves_the_home_in_place() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    fs::write(f.home().join("data.txt"), "kept").unwrap();
+    assert_eq!(
+        f.homes.archive(UID, Retention::Retain, 1).unwrap(),
+        ArchiveOutcome::Retained { home: f.home() }
+    );
+    assert_eq!(fs::read(f.home().join("data.txt")).unwrap(), b"kept");
+    assert!(!f.root.join(".archive").exists());
+}
+
+#[test]
+fn delete_removes_the_tree_without_following_symlinks() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(true, &[KEY_A])).unwrap();
+    let outside_file = f.outside_file();
+    let outside_dir = f.outside_dir();
+    let before = snapshot(&f.outside);
+    fs::create_dir_all(f.home().join("a/b/c")).unwrap();
+    fs::write(f.home().join("a/b/c/file"), "x").unwrap();
+    symlink(&outside_file, f.home().join("link-to-file")).unwrap();
+    symlink(&outside_dir, f.home().join("a/link-to-dir")).unwrap();
+    symlink("/", f.home().join("a/b/link-to-root")).unwrap();
+    mkfifo(&f.home().join("fifo"));
+
+    assert_eq!(
+        f.homes.archive(UID, Retention::Delete, 1).unwrap(),
+        ArchiveOutcome::Deleted { home: f.home() }
+    );
+    assert!(!f.home().exists() && f.root.is_dir());
+    assert_eq!(snapshot(&f.outside), before);
+    assert!(outside_file.exists());
+    assert_eq!(
+        f.homes.archive(UID, Retention::Delete, 2).unwrap(),
+        ArchiveOutcome::AlreadyGone
+    );
+}
+
+#[test]
+fn delete_copes_with_very_deep_trees() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    // Deeper than the deleter keeps descriptors for, built relative to stay under PATH_MAX.
+    let mut dir = fs::File::open(f.home()).unwrap();
+    for _ in 0..300 {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        let next = PathBuf::from(format!("/proc/self/fd/{fd}/d"));
+        fs::create_dir(&next).unwrap();
+        dir = fs::File::open(&next).unwrap();
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+    fs::write(format!("/proc/self/fd/{fd}/leaf"), "deep").unwrap();
+    drop(dir);
+
+    assert_eq!(
+        f.homes.archive(UID, Retention::Delete, 1).unwrap(),
+        ArchiveOutcome::Deleted { home: f.home() }
+    );
+    assert!(!f.home().exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// usage
+
+#[test]
+fn usage_counts_allocated_bytes() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let empty = f.homes.usage(UID).unwrap();
+    assert!(!empty.truncated);
+    assert_eq!(empty.entries, 2, "the home and .ssh");
+
+    let data = vec![0x5a_u8; 3 * MIB as usize];
+    fs::write(f.home().join("three-mib"), &data).unwrap();
+    // A sparse file takes (almost) no blocks: only allocated space counts.
+    fs::File::create(f.home().join("sparse"))
+        .unwrap()
+        .set_len(100 * MIB)
+        .unwrap();
+    // A symlink to a big file outside is not followed.
+    let big_outside = f.outside.join("big");
+    fs::write(&big_outside, vec![1_u8; 2 * MIB as usize]).unwrap();
+    symlink(&big_outside, f.home().join("link")).unwrap();
+    // A hard link counts once.
+    fs::hard_link(f.home().join("three-mib"), f.home().join("three-mib-again")).unwrap();
+
+    let usage = f.homes.usage(UID).unwrap();
+    assert!(!usage.truncated);
+    assert_eq!(usage.entries, 6);
+    let grown = usage.bytes - empty.bytes;
+    // Block-size tolerance: file systems round up to their block (and may add metadata blocks).
+    assert!(
+        (3 * MIB..3 * MIB + 256 * 1024).contains(&grown),
+        "3 MiB written, {grown} bytes counted"
+    );
+    assert!(usage.apparent_bytes >= 103 * MIB);
+}
+
+#[test]
+fn usage_stops_at_the_entry_budget() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    for i in 0..50 {
+        fs::write(f.home().join(format!("f{i}")), "x").unwrap();
+    }
+    let limits = UsageLimits {
+        max_entries: 10,
+        ..UsageLimits::default()
+    };
+    let usage = f.homes.usage_with_limits(UID, limits).unwrap();
+    assert!(usage.truncated);
+    assert_eq!(usage.entries, 10);
+    let full = f.homes.usage(UID).unwrap();
+    assert!(!full.truncated);
+    assert_eq!(full.entries, 52);
+
+    let shallow = UsageLimits {
+        max_depth: 1,
+        ..UsageLimits::default()
+    };
+    let usage = f.homes.usage_with_limits(UID, shallow).unwrap();
+    assert!(usage.truncated, "entering .ssh needs depth 2");
+}
+
+#[test]
+fn usage_of_a_missing_home_names_it() {
+    let f = Fixture::new();
+    let error = f.homes.usage(UID).unwrap_err();
+    assert!(
+        matches!(&error, HomeError::NotFound { path } if *path == f.home()),
+        "{error:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// custom distros
+
+#[test]
+fn custom_distro_available_only_for_real_directories() {
+    let f = Fixture::new();
+    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
+    f.homes.ensure(&spec(true, &[])).unwrap();
+    let distros = f.home().join("distros");
+    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
+
+    fs::create_dir(distros.join("debian")).unwrap();
+    assert!(f.homes.custom_distro_available(UID, "debian").unwrap());
+
+    let target = f.outside_dir();
+    symlink(&target, distros.join("linked")).unwrap();
+    assert!(!f.homes.custom_distro_available(UID, "linked").unwrap());
+
+    fs::write(distros.join("file"), "x").unwrap();
+    assert!(!f.homes.custom_distro_available(UID, "file").unwrap());
+
+    // A symlinked component higher up counts too.
+    fs::rename(&distros, f.home().join("real-distros")).unwrap();
+    symlink(f.home().join("real-distros"), &distros).unwrap();
+    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
+
+    assert!(matches!(
+        f.homes.custom_distro_available(UID, "../etc"),
+        Err(HomeError::Path(_))
+    ));
+}

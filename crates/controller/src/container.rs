@@ -1,0 +1,524 @@
+//! The Container reconciler: finalizer, admission, workload, deletion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::info;
+use uwsgi_it_api::Container;
+use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
+use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
+use uwsgi_it_domain::capacity::{NodeFacts, resolve_server};
+use uwsgi_it_domain::distro::check_custom_distro;
+
+use crate::Error;
+use crate::admission::{AdmissionRecord, admit_server, placement, refuse_unplaced};
+use crate::context::Context;
+use crate::facts::{container_facts, distro_facts, node_facts};
+use crate::status::{Desired, WORKLOAD_MANAGER, apply_status};
+use crate::workload::{SPEC_HASH_ANNOTATION, WorkloadInput, build};
+
+/// Reason the agent gives on `HomeReady=False` once it has archived, retained or deleted the
+/// home of a container being deleted; the finalizer is released on it.
+pub const HOME_RELEASED_REASON: &str = "HomeReleased";
+
+/// Reason of `Running=False` once a deleted container's Pod is gone: the agent's cue to
+/// archive the home.
+pub const STOPPED_REASON: &str = "Stopped";
+
+/// How often a healthy container is looked at again without any event.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one Container.
+pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("container");
+    ctx.wait_synced().await;
+    if container.metadata.deletion_timestamp.is_some() {
+        return finalize(&container, &ctx).await;
+    }
+    ensure_finalizer(&container, &ctx).await?;
+
+    let nodes: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
+    let record = ctx.admission.effective(&container);
+    let settle = match placement(&record, &container, &nodes) {
+        Ok(server) => admit_server(&ctx, &server).await?,
+        Err(problem) => {
+            refuse_unplaced(&ctx, &container, &problem).await?;
+            None
+        }
+    };
+    let record = ctx.admission.effective(&container);
+    reconcile_workload(&container, &record, &ctx).await?;
+    Ok(Action::requeue(settle.unwrap_or(RESYNC)))
+}
+
+async fn ensure_finalizer(container: &Container, ctx: &Context) -> Result<(), Error> {
+    if container
+        .finalizers()
+        .iter()
+        .any(|f| f == CONTROLLER_FINALIZER)
+    {
+        return Ok(());
+    }
+    let mut finalizers = container.finalizers().to_vec();
+    finalizers.push(CONTROLLER_FINALIZER.to_string());
+    let patch = json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": container.resource_version(),
+    }});
+    api(ctx, container)
+        .patch(
+            &container.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+fn api(ctx: &Context, container: &Container) -> Api<Container> {
+    Api::namespaced(
+        ctx.client.clone(),
+        &container.namespace().unwrap_or_default(),
+    )
+}
+
+/// What the workload part of the status should say.
+struct WorkloadStatus {
+    running: Option<Desired>,
+    ip: Option<String>,
+    usable: Vec<String>,
+}
+
+async fn reconcile_workload(
+    container: &Container,
+    record: &AdmissionRecord,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let namespace = container.namespace().unwrap_or_default();
+    let containers = ctx.containers.state();
+    let facts: Vec<_> = containers
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|c| {
+            let r = ctx.admission.effective(c);
+            container_facts(c, r.server.clone(), r.is_admitted())
+        })
+        .collect();
+    let distros: Vec<_> = ctx
+        .distros
+        .state()
+        .iter()
+        .filter(|d| d.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|d| distro_facts(d))
+        .collect();
+    let me = container_facts(container, record.server.clone(), record.is_admitted());
+    let usable = uwsgi_it_domain::distro::usable_distros(&me, &distros, &facts);
+
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = pods.get_opt(&container.name_any()).await?;
+    let status = match plan_workload(container, record, ctx, &me, &distros, &facts) {
+        Err(why) => {
+            if let Some(pod) = &existing {
+                stop_pod(ctx, container, pod, &why.message).await?;
+            }
+            WorkloadStatus {
+                running: why.into_condition(),
+                ip: None,
+                usable,
+            }
+        }
+        Ok(workload) => {
+            for (volume, claim) in &workload.volumes {
+                create_if_missing(&Api::<PersistentVolume>::all(ctx.client.clone()), volume)
+                    .await?;
+                create_if_missing(
+                    &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace),
+                    claim,
+                )
+                .await?;
+            }
+            let wanted = workload
+                .pod
+                .annotations()
+                .get(SPEC_HASH_ANNOTATION)
+                .cloned();
+            match existing {
+                Some(pod) if pod.annotations().get(SPEC_HASH_ANNOTATION) != wanted.as_ref() => {
+                    stop_pod(ctx, container, &pod, "restart-worthy fields changed").await?;
+                    WorkloadStatus {
+                        running: Some(Desired::no(RUNNING, "Restarting", "replacing the Pod")),
+                        ip: None,
+                        usable,
+                    }
+                }
+                Some(pod) => pod_status(&pod, usable),
+                None => {
+                    pods.create(&PostParams::default(), &workload.pod).await?;
+                    info!(container = %container.name_any(), %namespace, "created the workload Pod");
+                    ctx.publish(
+                        &container.object_ref(&()),
+                        Event {
+                            type_: EventType::Normal,
+                            reason: "PodCreated".into(),
+                            note: Some(format!(
+                                "Pod {} on server {}",
+                                container.name_any(),
+                                record.server.clone().unwrap_or_default()
+                            )),
+                            action: "Run".into(),
+                            secondary: None,
+                        },
+                    )
+                    .await;
+                    WorkloadStatus {
+                        running: Some(Desired::no(
+                            RUNNING,
+                            "PodCreated",
+                            "waiting for the Pod to start",
+                        )),
+                        ip: None,
+                        usable,
+                    }
+                }
+            }
+        }
+    };
+    write_workload_status(container, ctx, status).await
+}
+
+/// Why a container has no workload (yet).
+struct NoWorkload {
+    reason: &'static str,
+    message: String,
+    /// Whether this is worth a `Running=False` condition (a container without a distro has
+    /// no workload by design and gets no Running condition at all).
+    report: bool,
+}
+
+impl NoWorkload {
+    fn into_condition(self) -> Option<Desired> {
+        self.report
+            .then(|| Desired::no(RUNNING, self.reason, self.message))
+    }
+}
+
+fn plan_workload(
+    container: &Container,
+    record: &AdmissionRecord,
+    ctx: &Context,
+    me: &uwsgi_it_domain::distro::ContainerFacts,
+    distros: &[uwsgi_it_domain::distro::DistroFacts],
+    facts: &[uwsgi_it_domain::distro::ContainerFacts],
+) -> Result<crate::workload::Workload, NoWorkload> {
+    let Some(distro) = container.spec.distro.as_deref() else {
+        return Err(NoWorkload {
+            reason: "NoDistro",
+            message: "no distro: the container has a home but no workload".into(),
+            report: false,
+        });
+    };
+    let (Some(uid), Some(server), true) =
+        (record.uid, record.server.as_deref(), record.is_admitted())
+    else {
+        return Err(NoWorkload {
+            reason: "NotAdmitted",
+            message: "waiting for admission".into(),
+            report: true,
+        });
+    };
+    let Some(image) = ctx.config.distros.get(distro) else {
+        return Err(NoWorkload {
+            reason: "UnknownDistro",
+            message: format!(
+                "distro {distro} is not in the operator's distro table (known: {})",
+                ctx.config
+                    .distros
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            report: true,
+        });
+    };
+    let conditions = container
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    if !condition::is_true(conditions, HOME_READY) {
+        return Err(NoWorkload {
+            reason: "WaitingForHome",
+            message: format!("waiting for the agent on server {server} to prepare the home"),
+            report: true,
+        });
+    }
+    let custom = match check_custom_distro(me, distros, facts) {
+        Ok(custom) => custom,
+        Err(refusal) => {
+            return Err(NoWorkload {
+                reason: refusal.reason(),
+                message: refusal.to_string(),
+                report: true,
+            });
+        }
+    };
+    let uid = u32::try_from(uid).map_err(|_| NoWorkload {
+        reason: "InvalidUid",
+        message: format!("uid {uid} is out of range"),
+        report: true,
+    })?;
+    let home =
+        uwsgi_it_domain::paths::home_dir(&ctx.config.home_root, uid).map_err(|e| NoWorkload {
+            reason: "InvalidHome",
+            message: e.to_string(),
+            report: true,
+        })?;
+    let distro_dir = match (&custom, &container.spec.custom_distro) {
+        (Some(accepted), Some(name)) => {
+            let storage_uid = ctx
+                .containers
+                .state()
+                .iter()
+                .find(|c| {
+                    c.namespace() == container.namespace()
+                        && c.name_any() == accepted.storage_container
+                })
+                .and_then(|c| ctx.admission.effective(c).uid)
+                .and_then(|u| u32::try_from(u).ok());
+            let path = distros
+                .iter()
+                .find(|d| d.name == *name)
+                .map(|d| d.path.clone());
+            match (storage_uid, path) {
+                (Some(storage_uid), Some(path)) => Some(
+                    uwsgi_it_domain::paths::custom_distro_dir(
+                        &ctx.config.home_root,
+                        storage_uid,
+                        &path,
+                    )
+                    .map_err(|e| NoWorkload {
+                        reason: "InvalidCustomDistroPath",
+                        message: e.to_string(),
+                        report: true,
+                    })?,
+                ),
+                _ => {
+                    return Err(NoWorkload {
+                        reason: "CustomDistroNotReady",
+                        message: format!("custom distro {name} has no storage uid yet"),
+                        report: true,
+                    });
+                }
+            }
+        }
+        _ => None,
+    };
+    let memory_mb = record
+        .reserved
+        .as_ref()
+        .map_or(container.spec.memory, |r| r.memory);
+    Ok(build(&WorkloadInput {
+        container,
+        uid,
+        memory_mb,
+        server,
+        image,
+        home: &home,
+        custom_distro: distro_dir.as_deref(),
+    }))
+}
+
+fn pod_status(pod: &Pod, usable: Vec<String>) -> WorkloadStatus {
+    let status = pod.status.as_ref();
+    let phase = status
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".into());
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let ip = status.and_then(|s| s.pod_ip.clone());
+    let running = if phase == "Running" && ready {
+        Desired::yes(
+            RUNNING,
+            "PodRunning",
+            format!(
+                "Pod running with address {}",
+                ip.clone().unwrap_or_default()
+            ),
+        )
+    } else {
+        Desired::no(RUNNING, format!("Pod{phase}"), format!("Pod is {phase}"))
+    };
+    WorkloadStatus {
+        running: Some(running),
+        ip,
+        usable,
+    }
+}
+
+async fn stop_pod(ctx: &Context, container: &Container, pod: &Pod, why: &str) -> Result<(), Error> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let pods: Api<Pod> = Api::namespaced(
+        ctx.client.clone(),
+        &container.namespace().unwrap_or_default(),
+    );
+    pods.delete(&pod.name_any(), &DeleteParams::default())
+        .await?;
+    info!(container = %container.name_any(), why, "stopped the workload Pod");
+    ctx.publish(
+        &container.object_ref(&()),
+        Event {
+            type_: EventType::Normal,
+            reason: "PodStopped".into(),
+            note: Some(why.to_string()),
+            action: "Stop".into(),
+            secondary: None,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+async fn create_if_missing<K>(api: &Api<K>, object: &K) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_workload_status(
+    container: &Container,
+    ctx: &Context,
+    status: WorkloadStatus,
+) -> Result<(), Error> {
+    let current = container.status.clone().unwrap_or_default();
+    let running_same = match &status.running {
+        Some(desired) => desired.matches(&current.conditions),
+        None => condition::find(&current.conditions, RUNNING).is_none(),
+    };
+    if running_same && current.ip == status.ip && current.usable_custom_distros == status.usable {
+        return Ok(());
+    }
+    let mut body = json!({});
+    if let Some(desired) = &status.running {
+        body["conditions"] =
+            json!([desired.to_condition(&current.conditions, container.metadata.generation)]);
+    }
+    if let Some(ip) = &status.ip {
+        body["ip"] = json!(ip);
+    }
+    if !status.usable.is_empty() {
+        body["usableCustomDistros"] = json!(status.usable);
+    }
+    apply_status(&api(ctx, container), container, WORKLOAD_MANAGER, body).await?;
+    Ok(())
+}
+
+/// Deletion: stop the Pod, remove the volume objects, wait for the agent to archive the home,
+/// then free the reservation by releasing the finalizer.
+async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error> {
+    if !container
+        .finalizers()
+        .iter()
+        .any(|f| f == CONTROLLER_FINALIZER)
+    {
+        return Ok(Action::await_change());
+    }
+    let namespace = container.namespace().unwrap_or_default();
+    let name = container.name_any();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(pod) = pods.get_opt(&name).await? {
+        stop_pod(ctx, container, &pod, "the container is being deleted").await?;
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    // The agent archives the home only once the workload is known to be stopped.
+    let conditions = container
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    if condition::find(conditions, RUNNING).is_some_and(|c| c.reason != STOPPED_REASON) {
+        let stopped = Desired::no(
+            RUNNING,
+            STOPPED_REASON,
+            "the container is being deleted; its Pod is gone",
+        );
+        let body = json!({"conditions": [stopped.to_condition(conditions, container.metadata.generation)]});
+        apply_status(&api(ctx, container), container, WORKLOAD_MANAGER, body).await?;
+    }
+    let record = ctx.admission.effective(container);
+    if let Some(uid) = record.uid {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+        let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        for claim in [format!("{name}-home"), format!("{name}-distro")] {
+            delete_if_present(&claims, &claim).await?;
+        }
+        for volume in [
+            format!("uwsgi-it-home-{uid}"),
+            format!("uwsgi-it-distro-{uid}"),
+        ] {
+            delete_if_present(&volumes, &volume).await?;
+        }
+        // The agent archives (or retains, or deletes) the home and says so on HomeReady.
+        let conditions = container
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+        let released = condition::find(conditions, HOME_READY)
+            .is_some_and(|c| c.reason == HOME_RELEASED_REASON);
+        if record.server.is_some() && !released {
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    }
+    ctx.admission.release(container);
+    let finalizers: Vec<String> = container
+        .finalizers()
+        .iter()
+        .filter(|f| *f != CONTROLLER_FINALIZER)
+        .cloned()
+        .collect();
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": container.resource_version()}});
+    api(ctx, container)
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    info!(container = %name, %namespace, "released the reservation");
+    // Whoever waits for the freed memory and storage is admitted now, not at the next event.
+    if let Some(server) = record.server {
+        admit_server(ctx, &server).await?;
+    }
+    Ok(Action::await_change())
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `spec.server` of a container names this node (by name or public address).
+pub fn names_node(container: &Container, node: &NodeFacts) -> bool {
+    let record = AdmissionRecord::cached(container);
+    record.server.as_deref() == Some(node.name.as_str())
+        || container.spec.server == node.name
+        || node.address.as_deref() == Some(container.spec.server.as_str())
+        || resolve_server(&container.spec.server, std::slice::from_ref(node)).is_ok()
+}

@@ -1,0 +1,240 @@
+//! The Customer reconciler: the customer's namespace, the RoleBinding that lets its users act
+//! there, its per-server usage, and a finalizer that keeps it while it has containers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use uwsgi_it_api::condition::READY;
+use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, CUSTOMER_LABEL};
+use uwsgi_it_api::{Customer, ResourceUsage, ServerUsage};
+use uwsgi_it_domain::capacity::resolve_server;
+
+use crate::Error;
+use crate::context::Context;
+use crate::facts::{node_address, node_facts};
+use crate::status::{ADMISSION_MANAGER, Desired, apply_status};
+use crate::workload::MANAGED_BY;
+
+/// Name of the RoleBinding the controller keeps in each customer namespace.
+pub const ROLE_BINDING: &str = "uwsgi-it-customer";
+
+fn api(ctx: &Context) -> Api<Customer> {
+    Api::all(ctx.client.clone())
+}
+
+async fn set_finalizers(
+    ctx: &Context,
+    customer: &Customer,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": customer.resource_version()}});
+    api(ctx)
+        .patch(
+            &customer.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Reconciles one Customer.
+pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("customer");
+    ctx.wait_synced().await;
+    let namespace = customer.namespace_name();
+    let containers: Vec<_> = ctx
+        .containers
+        .state()
+        .into_iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+        .collect();
+    let has_finalizer = customer
+        .finalizers()
+        .iter()
+        .any(|f| f == CONTROLLER_FINALIZER);
+
+    if customer.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
+        }
+        if containers.is_empty() {
+            let rest = customer
+                .finalizers()
+                .iter()
+                .filter(|f| *f != CONTROLLER_FINALIZER)
+                .cloned()
+                .collect();
+            set_finalizers(&ctx, &customer, rest).await?;
+            return Ok(Action::await_change());
+        }
+        let mut names: Vec<String> = containers.iter().map(|c| c.name_any()).collect();
+        names.sort();
+        let message = format!(
+            "deletion waits for {} container(s) in namespace {namespace}: {}; delete them first",
+            names.len(),
+            names.join(", ")
+        );
+        write_status(
+            &ctx,
+            &customer,
+            &namespace,
+            Desired::no(READY, "HasContainers", message),
+        )
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    if !has_finalizer {
+        let mut finalizers = customer.finalizers().to_vec();
+        finalizers.push(CONTROLLER_FINALIZER.to_string());
+        set_finalizers(&ctx, &customer, finalizers).await?;
+    }
+
+    let manager = PatchParams::apply(ADMISSION_MANAGER).force();
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let ns = json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": namespace, "labels": {CUSTOMER_LABEL: customer.name_any(), MANAGED_BY.0: MANAGED_BY.1}},
+    });
+    namespaces
+        .patch(&namespace, &manager, &Patch::Apply(&ns))
+        .await?;
+
+    let subjects: Vec<_> =
+        customer
+            .spec
+            .users
+            .iter()
+            .map(|u| json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": u}))
+            .chain(customer.spec.groups.iter().map(
+                |g| json!({"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": g}),
+            ))
+            .collect();
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {
+            "name": ROLE_BINDING,
+            "namespace": namespace,
+            "labels": {CUSTOMER_LABEL: customer.name_any(), MANAGED_BY.0: MANAGED_BY.1},
+        },
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ctx.config.customer_cluster_role},
+        "subjects": subjects,
+    });
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
+    bindings
+        .patch(ROLE_BINDING, &manager, &Patch::Apply(&binding))
+        .await?;
+
+    let ready = Desired::yes(
+        READY,
+        "Ready",
+        format!(
+            "namespace {namespace} with {} user(s) and {} group(s) bound to {}",
+            customer.spec.users.len(),
+            customer.spec.groups.len(),
+            ctx.config.customer_cluster_role
+        ),
+    );
+    write_status(&ctx, &customer, &namespace, ready).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Usage of every server the customer owns: capacity, everyone's reservations, what is free,
+/// and how many of the customer's containers live there.
+fn usage(ctx: &Context, customer: &Customer, namespace: &str) -> Vec<ServerUsage> {
+    let nodes = ctx.nodes.state();
+    let facts: Vec<_> = nodes.iter().map(|n| node_facts(n)).collect();
+    let containers = ctx.containers.state();
+    let mut servers = customer.spec.servers.clone();
+    servers.sort();
+    servers.dedup();
+    servers
+        .into_iter()
+        .map(|name| {
+            let capacity = resolve_server(&name, &facts).map(|s| s.capacity).ok();
+            let (mut memory, mut storage, mut mine) = (0i64, 0i64, 0i64);
+            for container in &containers {
+                let record = ctx.admission.effective(container);
+                if record.server.as_deref() != Some(name.as_str()) {
+                    continue;
+                }
+                if let Some(reserved) = &record.reserved {
+                    memory += reserved.memory;
+                    storage += reserved.storage;
+                }
+                if container.namespace().as_deref() == Some(namespace) {
+                    mine += 1;
+                }
+            }
+            let resource = |capacity: Option<u64>, used: i64| {
+                let capacity = capacity.map_or(0, |c| i64::try_from(c).unwrap_or(i64::MAX));
+                ResourceUsage {
+                    capacity,
+                    used,
+                    free: (capacity - used).max(0),
+                }
+            };
+            ServerUsage {
+                address: nodes
+                    .iter()
+                    .find(|n| n.name_any() == name)
+                    .and_then(|n| node_address(n)),
+                memory: resource(capacity.map(|c| c.memory_mb), memory),
+                storage: resource(capacity.map(|c| c.storage_mb), storage),
+                containers: mine,
+                name,
+            }
+        })
+        .collect()
+}
+
+async fn write_status(
+    ctx: &Context,
+    customer: &Customer,
+    namespace: &str,
+    ready: Desired,
+) -> Result<(), Error> {
+    let current = customer.status.clone().unwrap_or_default();
+    let servers = usage(ctx, customer, namespace);
+    if ready.matches(&current.conditions)
+        && current.namespace.as_deref() == Some(namespace)
+        && current.servers == servers
+        && current.observed_generation == customer.metadata.generation
+    {
+        return Ok(());
+    }
+    let body = json!({
+        "namespace": namespace,
+        "servers": servers,
+        "observedGeneration": customer.metadata.generation,
+        "conditions": [ready.to_condition(&current.conditions, customer.metadata.generation)],
+    });
+    apply_status(&api(ctx), customer, ADMISSION_MANAGER, body).await?;
+    if !ready.matches(&current.conditions) {
+        ctx.publish(
+            &customer.object_ref(&()),
+            Event {
+                type_: if ready.status {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: ready.reason.clone(),
+                note: Some(ready.message.clone()),
+                action: "Reconcile".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! The operator configuration: one YAML file (a ConfigMap rendered from the Helm values) read
+//! by both the controller and the agent. Every key is optional with a safe default; a bad value
+//! stops the program at start with an error naming the key.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::ports::{ReservedPorts, ReservedPortsError};
+
+/// What happens to a container's home when the container is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum HomeRetention {
+    /// Leave the home where it is.
+    Retain,
+    /// Move it into `<homeRoot>/.archive/<uid>-<time>` (the default: nothing is lost).
+    #[default]
+    Archive,
+    /// Remove it.
+    Delete,
+}
+
+/// The netfilter backend the agent programs port forwards with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingBackend {
+    /// One `ip uwsgi_it` table, written in one `nft` transaction (the default).
+    #[default]
+    Nftables,
+    /// Own chains in the nat table through `iptables-restore --noflush`.
+    Iptables,
+}
+
+/// Port-forwarding settings of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortForwardConfig {
+    /// Which netfilter backend to use.
+    pub backend: ForwardingBackend,
+    /// How often the whole ruleset is rewritten even when nothing changed (repairs drift).
+    pub resync_period: Duration,
+}
+
+/// The validated operator configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorConfig {
+    /// Where container homes live on every server node (absolute, normalised).
+    pub home_root: PathBuf,
+    /// What deleting a container does to its home.
+    pub home_retention: HomeRetention,
+    /// Platform distro name → container image.
+    pub distros: BTreeMap<String, String>,
+    /// Public ports no PortMapping may take.
+    pub reserved_ports: ReservedPorts,
+    /// Port-forwarding settings.
+    pub port_forward: PortForwardConfig,
+    /// Log filter directive (`info`, `debug`, `uwsgi_it_agent=trace`, ...).
+    pub log_level: String,
+    /// ClusterRole the controller binds each customer's users and groups to.
+    pub customer_cluster_role: String,
+    /// ConfigMap (in the controller's namespace) holding the uid high-water mark.
+    pub uid_store: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            home_root: PathBuf::from("/containers"),
+            home_retention: HomeRetention::default(),
+            distros: BTreeMap::new(),
+            reserved_ports: ReservedPorts::default(),
+            port_forward: PortForwardConfig {
+                backend: ForwardingBackend::default(),
+                resync_period: Duration::from_secs(30),
+            },
+            log_level: "info".into(),
+            customer_cluster_role: "uwsgi-it-customer".into(),
+            uid_store: "uwsgi-it-uids".into(),
+        }
+    }
+}
+
+/// A configuration the programs refuse to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is not YAML of the expected shape (unknown key, wrong type, bad enum value).
+    #[error("configuration is not valid: {0}")]
+    Syntax(String),
+    /// `homeRoot` is not an absolute, normalised path.
+    #[error("homeRoot {0:?} must be an absolute path without '.' or '..' components")]
+    HomeRoot(String),
+    /// A `reservedPorts` entry is invalid.
+    #[error(transparent)]
+    ReservedPorts(#[from] ReservedPortsError),
+    /// `portForward.resyncPeriod` is not a duration.
+    #[error("portForward.resyncPeriod {0:?} must be a duration like 30s, 5m or 1h, at least 1s")]
+    ResyncPeriod(String),
+    /// A `distros` entry is empty.
+    #[error("distros.{0}: the image must not be empty")]
+    DistroImage(String),
+    /// `logLevel` is empty.
+    #[error("logLevel must not be empty")]
+    LogLevel,
+    /// A name that must be a Kubernetes object name is empty.
+    #[error("{0} must not be empty")]
+    EmptyName(&'static str),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    home_root: Option<String>,
+    home_retention: Option<HomeRetention>,
+    distros: Option<BTreeMap<String, String>>,
+    reserved_ports: Option<Vec<String>>,
+    port_forward: Option<RawPortForward>,
+    log_level: Option<String>,
+    customer_cluster_role: Option<String>,
+    uid_store: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPortForward {
+    backend: Option<ForwardingBackend>,
+    resync_period: Option<String>,
+}
+
+impl OperatorConfig {
+    /// Parses and validates the configuration file's text. An empty text is the default
+    /// configuration.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_saphyr::from_str::<Option<RawConfig>>(text)
+                .map_err(|e| ConfigError::Syntax(e.to_string()))?
+                .unwrap_or_default()
+        };
+        let defaults = OperatorConfig::default();
+        let home_root = match raw.home_root {
+            Some(root) => validate_home_root(&root)?,
+            None => defaults.home_root,
+        };
+        let distros = raw.distros.unwrap_or_default();
+        if let Some((name, _)) = distros.iter().find(|(_, image)| image.trim().is_empty()) {
+            return Err(ConfigError::DistroImage(name.clone()));
+        }
+        let reserved_ports = match raw.reserved_ports {
+            Some(entries) => ReservedPorts::parse(entries)?,
+            None => defaults.reserved_ports,
+        };
+        let forward = raw.port_forward.unwrap_or_default();
+        let resync_period = match forward.resync_period {
+            Some(text) => parse_duration(&text).ok_or(ConfigError::ResyncPeriod(text))?,
+            None => defaults.port_forward.resync_period,
+        };
+        let log_level = raw.log_level.unwrap_or(defaults.log_level);
+        if log_level.trim().is_empty() {
+            return Err(ConfigError::LogLevel);
+        }
+        let customer_cluster_role = non_empty(
+            "customerClusterRole",
+            raw.customer_cluster_role,
+            defaults.customer_cluster_role,
+        )?;
+        let uid_store = non_empty("uidStore", raw.uid_store, defaults.uid_store)?;
+        Ok(OperatorConfig {
+            home_root,
+            home_retention: raw.home_retention.unwrap_or_default(),
+            distros,
+            reserved_ports,
+            port_forward: PortForwardConfig {
+                backend: forward.backend.unwrap_or_default(),
+                resync_period,
+            },
+            log_level,
+            customer_cluster_role,
+            uid_store,
+        })
+    }
+}
+
+fn non_empty(
+    key: &'static str,
+    value: Option<String>,
+    default: String,
+) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(ConfigError::EmptyName(key)),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+fn validate_home_root(root: &str) -> Result<PathBuf, ConfigError> {
+    let path = Path::new(root);
+    let normal = path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if normal {
+        Ok(path.components().collect())
+    } else {
+        Err(ConfigError::HomeRoot(root.to_string()))
+    }
+}
+
+/// Parses `30s`, `5m`, `1h` (whole numbers, one unit, at least one second).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: u64 = number.parse().ok()?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number.checked_mul(60)?,
+        "h" => number.checked_mul(3600)?,
+        _ => return None,
+    };
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default_configuration() {
+        assert_eq!(
+            OperatorConfig::from_yaml("").unwrap(),
+            OperatorConfig::default()
+        );
+        assert_eq!(
+            OperatorConfig::from_yaml("# nothing\n").unwrap(),
+            OperatorConfig::default()
+        );
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let config = OperatorConfig::from_yaml(
+            r#"
+homeRoot: /srv/homes/
+homeRetention: Delete
+distros:
+  bookworm: debian:bookworm-slim
+reservedPorts: ["8000-8100", "9999"]
+portForward:
+  backend: iptables
+  resyncPeriod: 2m
+logLevel: debug
+customerClusterRole: hosting-customer
+uidStore: uids
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.home_root, PathBuf::from("/srv/homes"));
+        assert_eq!(config.home_retention, HomeRetention::Delete);
+        assert_eq!(config.distros["bookworm"], "debian:bookworm-slim");
+        assert!(config.reserved_ports.contains(8050));
+        assert!(config.reserved_ports.contains(9999));
+        assert!(!config.reserved_ports.contains(30000));
+        assert_eq!(config.port_forward.backend, ForwardingBackend::Iptables);
+        assert_eq!(config.port_forward.resync_period, Duration::from_secs(120));
+        assert_eq!(config.log_level, "debug");
+        assert_eq!(config.customer_cluster_role, "hosting-customer");
+        assert_eq!(config.uid_store, "uids");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("homeRoot: relative/path", "homeRoot"),
+            ("homeRoot: /a/../b", "homeRoot"),
+            ("homeRetention: Sometimes", "homeRetention"),
+            ("portForward: {backend: pf}", "backend"),
+            (
+                "portForward: {resyncPeriod: soon}",
+                "portForward.resyncPeriod",
+            ),
+            (
+                "portForward: {resyncPeriod: 0s}",
+                "portForward.resyncPeriod",
+            ),
+            ("reservedPorts: ['70000']", "reservedPorts"),
+            ("distros: {bookworm: ''}", "distros.bookworm"),
+            ("customerClusterRole: ''", "customerClusterRole"),
+            ("homeRot: /x", "homeRot"),
+        ];
+        for (text, key) in cases {
+            let err = OperatorConfig::from_yaml(text).expect_err(text).to_string();
+            assert!(err.contains(key), "{text}: {err} does not name {key}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "s", "10", "1.5s", "-1s", "0m", "3d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+}
