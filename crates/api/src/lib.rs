@@ -57,7 +57,7 @@ pub fn crd_manifests() -> Result<Vec<CrdManifest>, serde_saphyr::SerializeError>
             let file_name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default());
             let body = serde_saphyr::to_string(&crd)?;
             let yaml = format!(
-                "# Generated from the Rust types in crates/api by `cargo run -- crds`; do not edit.\n{body}"
+                "# Generated from the Rust types in crates/api by `hack/update-crds.sh`; do not edit.\n{body}"
             );
             Ok(CrdManifest { file_name, yaml })
         })

@@ -1,5 +1,5 @@
 //! The committed `crds/` must be exactly what the Rust types generate: a type change without
-//! `cargo run -- crds --out crds` fails here.
+//! `bash hack/update-crds.sh` fails here.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,13 +12,13 @@ fn committed_crds_match_the_rust_types() {
         let path = dir.join(&manifest.file_name);
         let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "{} is missing ({e}); run `cargo run -- crds --out crds`",
+                "{} is missing ({e}); run `bash hack/update-crds.sh`",
                 path.display()
             )
         });
         assert!(
             committed == manifest.yaml,
-            "{} drifted from the Rust types; run `cargo run -- crds --out crds` and commit",
+            "{} drifted from the Rust types; run `bash hack/update-crds.sh` and commit",
             path.display()
         );
     }
