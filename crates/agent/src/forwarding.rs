@@ -5,11 +5,23 @@
 //! The rules themselves are rendered by `uwsgi_it_domain::forwarding`; this module runs the
 //! tools.
 //!
-//! Every [`ForwardingBackend::apply`] first reads what the kernel holds and compares it with the
-//! desired state. When they match nothing is written, so an agent restart, an API outage or a
-//! periodic resync never disturbs working rules. When they differ (a change, or drift such as
-//! someone running `nft flush ruleset`) the owned objects are replaced in one atomic
-//! transaction, then the conntrack entries of UDP forwards that changed are deleted.
+//! Two ways in, kube-proxy style:
+//!
+//! - [`ForwardingBackend::apply`] (first sync, periodic resync) reads what the kernel holds and
+//!   compares it with the desired state. When they match nothing is written, so an agent
+//!   restart, an API outage or a periodic resync never disturbs working rules. When they differ
+//!   (a change, or drift such as someone running `nft flush ruleset`) the owned objects are
+//!   replaced in one atomic transaction.
+//! - [`ForwardingBackend::apply_incremental`] (the event path) never reads the kernel: each
+//!   backend remembers, in memory, the ruleset it last wrote or confirmed, and writes only the
+//!   difference as one atomic transaction (element operations for nft, `-D`/`-A` lines for
+//!   iptables), so one added mapping costs the same at 10 or 10,000 mappings. When nothing is
+//!   remembered (after a restart, or after a failed write) or the transaction fails (the table
+//!   was changed behind the agent's back: a missing element, table or rule), it falls back to
+//!   `apply`. Drift that the transaction cannot notice (say, an admin deleting one of the rules)
+//!   is repaired by the next periodic `apply`.
+//!
+//! After either kind of write the conntrack entries of UDP forwards that changed are deleted.
 //!
 //! The API is synchronous (it runs `nft`, `iptables-restore`, `iptables-save` and `conntrack`
 //! as child processes and waits for them); call it from `tokio::task::spawn_blocking`.
@@ -18,11 +30,12 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use uwsgi_it_domain::forwarding::iptables::{self, JumpRule};
 use uwsgi_it_domain::forwarding::nft::{self, ListingError};
-use uwsgi_it_domain::forwarding::{ForwardingRuleset, UdpFlowKey, stale_udp_flows};
+use uwsgi_it_domain::forwarding::{ForwardingRuleset, RulesetDiff, UdpFlowKey, stale_udp_flows};
 
 /// Where the tools run: in the agent's own network namespace (production: the host's, since the
 /// agent Pod uses `hostNetwork`), or inside a named one through `ip netns exec` (tests).
@@ -73,12 +86,21 @@ pub struct Inspection {
     pub installed: ForwardingRuleset,
 }
 
-/// What one [`ForwardingBackend::apply`] did.
+/// What one [`ForwardingBackend::apply`] or [`ForwardingBackend::apply_incremental`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
-    /// Whether a transaction was written (false: the kernel already matched).
+    /// Whether a transaction was written (false: the kernel already matched, or nothing
+    /// changed since the last write).
     pub rewritten: bool,
-    /// Why it was rewritten: the first difference found before writing.
+    /// Whether what was written is only the difference from the remembered state (the event
+    /// path); false for a whole-table rewrite.
+    pub incremental: bool,
+    /// Why the incremental transaction could not be used and the whole table was inspected
+    /// (and rewritten if needed) instead: the transaction's error. `None` when it was not tried
+    /// or succeeded.
+    pub incremental_failure: Option<String>,
+    /// Why it was rewritten: the first difference found before writing (full path), or a
+    /// summary of the element changes (incremental path).
     pub difference: Option<String>,
     /// Number of forwards now programmed.
     pub forwards: usize,
@@ -102,7 +124,16 @@ pub trait ForwardingBackend: Send + Sync {
 
     /// Makes the kernel match `desired`: nothing is written when it already does; otherwise
     /// one atomic replacement of the owned rules, then conntrack cleanup of changed UDP forwards.
+    /// Remembers `desired` for [`ForwardingBackend::apply_incremental`] once the kernel holds it.
     fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError>;
+
+    /// The event path: writes only the difference between the remembered state and `desired`,
+    /// as one atomic transaction, without reading the kernel; falls back to
+    /// [`ForwardingBackend::apply`] when nothing is remembered or the transaction fails.
+    fn apply_incremental(
+        &self,
+        desired: &ForwardingRuleset,
+    ) -> Result<ApplyReport, ForwardingError>;
 
     /// Drift detection for the periodic resync.
     fn is_in_sync(&self, desired: &ForwardingRuleset) -> Result<bool, ForwardingError> {
@@ -154,50 +185,127 @@ fn checked(command: &Command, output: Output) -> Result<Output, ForwardingError>
     })
 }
 
-/// The shared part of `apply`: skip when in sync, else write and clean conntrack.
-fn apply_with(
-    scope: &CommandScope,
-    desired: &ForwardingRuleset,
-    inspection: Inspection,
-    write: impl FnOnce() -> Result<(), ForwardingError>,
-    started: Instant,
-) -> Result<ApplyReport, ForwardingError> {
-    let mut report = ApplyReport {
+/// The ruleset a backend last wrote or confirmed in the kernel (`None`: unknown, so the next
+/// change goes through a full inspection). Its lock also serialises the applies of one backend.
+#[derive(Debug, Default)]
+struct Memory(Mutex<Option<ForwardingRuleset>>);
+
+impl Memory {
+    fn lock(&self) -> MutexGuard<'_, Option<ForwardingRuleset>> {
+        self.0.lock().unwrap_or_else(|poisoned| {
+            // An apply panicked midway: what the kernel holds is unknown.
+            let mut guard = poisoned.into_inner();
+            *guard = None;
+            self.0.clear_poison();
+            guard
+        })
+    }
+}
+
+fn empty_report(desired: &ForwardingRuleset) -> ApplyReport {
+    ApplyReport {
         rewritten: false,
-        difference: inspection.difference.clone(),
+        incremental: false,
+        incremental_failure: None,
+        difference: None,
         forwards: desired.forwards().len(),
         cleared_udp_flows: Vec::new(),
         conntrack_entries_deleted: 0,
         conntrack_failures: Vec::new(),
         duration: Duration::ZERO,
-    };
+    }
+}
+
+/// The shared part of `apply`: skip when in sync, else write and clean conntrack; remember
+/// `desired` once the kernel is known to hold it.
+fn apply_with(
+    scope: &CommandScope,
+    remembered: &mut Option<ForwardingRuleset>,
+    desired: &ForwardingRuleset,
+    inspection: Inspection,
+    write: impl FnOnce() -> Result<(), ForwardingError>,
+    started: Instant,
+) -> Result<ApplyReport, ForwardingError> {
+    let mut report = empty_report(desired);
+    report.difference = inspection.difference.clone();
     if inspection.difference.is_some() {
+        // Unknown until the write is confirmed: a failed write must not leave a stale memory.
+        *remembered = None;
         write()?;
         report.rewritten = true;
-        report.cleared_udp_flows = stale_udp_flows(&inspection.installed, desired);
-        // One listing first, so a full resync of thousands of UDP forwards costs one process
-        // plus one deletion per destination that really has entries, not one per forward.
-        let with_entries = match udp_destinations_with_entries(scope) {
-            Ok(present) => report
-                .cleared_udp_flows
+        let stale = stale_udp_flows(&inspection.installed, desired);
+        clear_udp_flows(scope, stale, &mut report);
+    }
+    *remembered = Some(desired.clone());
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// The shared part of `apply_incremental`. `write_difference` gets the remembered ruleset and
+/// the (non-empty) diff and writes them as one transaction; `full` is the backend's `apply`.
+fn apply_incremental_with(
+    scope: &CommandScope,
+    remembered: &mut Option<ForwardingRuleset>,
+    desired: &ForwardingRuleset,
+    write_difference: impl FnOnce(&ForwardingRuleset, &RulesetDiff) -> Result<(), ForwardingError>,
+    full: impl FnOnce(&mut Option<ForwardingRuleset>) -> Result<ApplyReport, ForwardingError>,
+) -> Result<ApplyReport, ForwardingError> {
+    let started = Instant::now();
+    let Some(previous) = remembered.take() else {
+        return full(remembered);
+    };
+    let diff = RulesetDiff::between(&previous, desired);
+    let mut report = empty_report(desired);
+    if diff.is_empty() {
+        *remembered = Some(desired.clone());
+        report.duration = started.elapsed();
+        return Ok(report);
+    }
+    if let Err(error) = write_difference(&previous, &diff) {
+        // The transaction is atomic, so nothing of it was applied; what the kernel holds is
+        // no longer known (that is usually why it failed), so inspect and rewrite.
+        let mut report = full(remembered)?;
+        report.incremental_failure = Some(error.to_string());
+        report.duration = started.elapsed();
+        return Ok(report);
+    }
+    *remembered = Some(desired.clone());
+    report.rewritten = true;
+    report.incremental = true;
+    report.difference = Some(diff.to_string());
+    clear_udp_flows(scope, stale_udp_flows(&previous, desired), &mut report);
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// Up to this many stale UDP destinations are deleted directly (one `conntrack -D` each);
+/// more are first checked against one `conntrack -L`, so a full resync of thousands of UDP
+/// forwards costs one listing plus one deletion per destination that really has entries.
+const DIRECT_CONNTRACK_DELETIONS: usize = 4;
+
+fn clear_udp_flows(scope: &CommandScope, stale: Vec<UdpFlowKey>, report: &mut ApplyReport) {
+    let with_entries = if stale.len() <= DIRECT_CONNTRACK_DELETIONS {
+        stale.clone()
+    } else {
+        match udp_destinations_with_entries(scope) {
+            Ok(present) => stale
                 .iter()
                 .filter(|flow| present.contains(flow))
                 .copied()
                 .collect(),
             Err(error) => {
                 report.conntrack_failures.push(error.to_string());
-                report.cleared_udp_flows.clone()
-            }
-        };
-        for flow in with_entries {
-            match delete_udp_conntrack(scope, flow.public_address, flow.public_port) {
-                Ok(deleted) => report.conntrack_entries_deleted += deleted,
-                Err(error) => report.conntrack_failures.push(error.to_string()),
+                stale.clone()
             }
         }
+    };
+    for flow in with_entries {
+        match delete_udp_conntrack(scope, flow.public_address, flow.public_port) {
+            Ok(deleted) => report.conntrack_entries_deleted += deleted,
+            Err(error) => report.conntrack_failures.push(error.to_string()),
+        }
     }
-    report.duration = started.elapsed();
-    Ok(report)
+    report.cleared_udp_flows = stale;
 }
 
 /// The original destinations of all UDP conntrack entries (`conntrack -L -p udp`).
@@ -255,15 +363,44 @@ pub fn delete_udp_conntrack(
     }
 }
 
-/// Owns `table ip uwsgi_it`; writes it whole with `nft -j -f -`.
-#[derive(Debug, Clone, Default)]
+/// Owns `table ip uwsgi_it`; writes it whole, or only its changed elements, with `nft -j -f -`.
+#[derive(Debug, Default)]
 pub struct NftBackend {
     scope: CommandScope,
+    memory: Memory,
 }
 
 impl NftBackend {
     pub fn new(scope: CommandScope) -> NftBackend {
-        NftBackend { scope }
+        NftBackend {
+            scope,
+            memory: Memory::default(),
+        }
+    }
+
+    /// `nft -j -f -` with `json` on stdin.
+    fn run_transaction(&self, json: &str) -> Result<(), ForwardingError> {
+        let mut command = self.scope.command("nft");
+        command.args(["-j", "-f", "-"]);
+        let output = output_with_stdin(command.to_owned_command(), json.as_bytes())?;
+        checked(&command, output).map(|_| ())
+    }
+
+    fn apply_locked(
+        &self,
+        remembered: &mut Option<ForwardingRuleset>,
+        desired: &ForwardingRuleset,
+    ) -> Result<ApplyReport, ForwardingError> {
+        let started = Instant::now();
+        let inspection = self.inspect(desired)?;
+        apply_with(
+            &self.scope,
+            remembered,
+            desired,
+            inspection,
+            || self.run_transaction(&nft::transaction_json(desired)),
+            started,
+        )
     }
 
     /// `nft -j list table ip uwsgi_it`, or `None` when the table does not exist.
@@ -282,13 +419,11 @@ impl NftBackend {
 
     /// Writes the whole table in one transaction, without looking at what is installed.
     pub fn write(&self, desired: &ForwardingRuleset) -> Result<(), ForwardingError> {
-        let mut command = self.scope.command("nft");
-        command.args(["-j", "-f", "-"]);
-        let output = output_with_stdin(
-            command.to_owned_command(),
-            nft::transaction_json(desired).as_bytes(),
-        )?;
-        checked(&command, output).map(|_| ())
+        let mut remembered = self.memory.lock();
+        *remembered = None;
+        self.run_transaction(&nft::transaction_json(desired))?;
+        *remembered = Some(desired.clone());
+        Ok(())
     }
 }
 
@@ -319,27 +454,65 @@ impl ForwardingBackend for NftBackend {
     }
 
     fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError> {
-        let started = Instant::now();
-        let inspection = self.inspect(desired)?;
-        apply_with(
+        self.apply_locked(&mut self.memory.lock(), desired)
+    }
+
+    fn apply_incremental(
+        &self,
+        desired: &ForwardingRuleset,
+    ) -> Result<ApplyReport, ForwardingError> {
+        apply_incremental_with(
             &self.scope,
+            &mut self.memory.lock(),
             desired,
-            inspection,
-            || self.write(desired),
-            started,
+            |_, diff| match nft::incremental_transaction_json(diff) {
+                Some(json) => self.run_transaction(&json),
+                None => Ok(()),
+            },
+            |remembered| self.apply_locked(remembered, desired),
         )
     }
 }
 
-/// Owns the `UWSGI-IT-*` chains of table `nat`; writes them with `iptables-restore --noflush`.
-#[derive(Debug, Clone, Default)]
+/// Owns the `UWSGI-IT-*` chains of table `nat`; writes them with `iptables-restore --noflush`,
+/// whole or only the rules that changed.
+#[derive(Debug, Default)]
 pub struct IptablesBackend {
     scope: CommandScope,
+    memory: Memory,
 }
 
 impl IptablesBackend {
     pub fn new(scope: CommandScope) -> IptablesBackend {
-        IptablesBackend { scope }
+        IptablesBackend {
+            scope,
+            memory: Memory::default(),
+        }
+    }
+
+    /// `iptables-restore --noflush` with `input` on stdin (one atomic commit).
+    fn restore(&self, input: &str) -> Result<(), ForwardingError> {
+        let mut command = self.scope.command("iptables-restore");
+        command.arg("--noflush");
+        let output = output_with_stdin(command.to_owned_command(), input.as_bytes())?;
+        checked(&command, output).map(|_| ())
+    }
+
+    fn apply_locked(
+        &self,
+        remembered: &mut Option<ForwardingRuleset>,
+        desired: &ForwardingRuleset,
+    ) -> Result<ApplyReport, ForwardingError> {
+        let started = Instant::now();
+        let (inspection, missing_jumps) = self.inspect_with_jumps(desired)?;
+        apply_with(
+            &self.scope,
+            remembered,
+            desired,
+            inspection,
+            || self.restore(&iptables::restore_input(desired, &missing_jumps)),
+            started,
+        )
     }
 
     fn save(&self) -> Result<String, ForwardingError> {
@@ -370,13 +543,13 @@ impl IptablesBackend {
         desired: &ForwardingRuleset,
         missing_jumps: &[JumpRule],
     ) -> Result<(), ForwardingError> {
-        let mut command = self.scope.command("iptables-restore");
-        command.arg("--noflush");
-        let output = output_with_stdin(
-            command.to_owned_command(),
-            iptables::restore_input(desired, missing_jumps).as_bytes(),
-        )?;
-        checked(&command, output).map(|_| ())
+        let mut remembered = self.memory.lock();
+        *remembered = None;
+        self.restore(&iptables::restore_input(desired, missing_jumps))?;
+        // The jumps may still be missing (only `missing_jumps` were added), but the owned chains
+        // hold exactly `desired`, which is what the incremental path builds on.
+        *remembered = Some(desired.clone());
+        Ok(())
     }
 }
 
@@ -390,14 +563,22 @@ impl ForwardingBackend for IptablesBackend {
     }
 
     fn apply(&self, desired: &ForwardingRuleset) -> Result<ApplyReport, ForwardingError> {
-        let started = Instant::now();
-        let (inspection, missing_jumps) = self.inspect_with_jumps(desired)?;
-        apply_with(
+        self.apply_locked(&mut self.memory.lock(), desired)
+    }
+
+    fn apply_incremental(
+        &self,
+        desired: &ForwardingRuleset,
+    ) -> Result<ApplyReport, ForwardingError> {
+        apply_incremental_with(
             &self.scope,
+            &mut self.memory.lock(),
             desired,
-            inspection,
-            || self.write(desired, &missing_jumps),
-            started,
+            |previous, _| match iptables::incremental_restore_input(previous, desired) {
+                Some(input) => self.restore(&input),
+                None => Ok(()),
+            },
+            |remembered| self.apply_locked(remembered, desired),
         )
     }
 }

@@ -1,11 +1,18 @@
 //! Port forwards: from this node's accepted PortMappings to the kernel.
 //!
 //! Event-driven: a PortMapping or Node change wakes the loop, which waits [`DEBOUNCE`] for the
-//! rest of a burst and applies the new desired ruleset, so a new mapping carries traffic well
-//! within a second. A periodic full resync (`portForward.resyncPeriod`) asks the backend to
-//! compare the kernel with the last programmed ruleset and rewrites it when they differ: that is
-//! drift (someone flushed the ruleset), and it is counted, logged and reported as a Warning
-//! Event on the Node.
+//! rest of a burst and applies the new desired ruleset incrementally
+//! ([`ForwardingBackend::apply_incremental`]: only the changed elements, one transaction, no
+//! reading of the kernel), so a new mapping carries traffic well within a second whatever the
+//! number of mappings. The first sync and a periodic full resync (`portForward.resyncPeriod`) ask
+//! the backend to compare the kernel with the desired ruleset ([`ForwardingBackend::apply`]) and
+//! rewrite it when they differ: when nothing changed on our side that is drift (someone flushed
+//! the ruleset), and it is counted, logged and reported as a Warning Event on the Node. An
+//! incremental transaction that the kernel refuses (the table was changed behind the agent's
+//! back) falls back to the full path and is reported the same way.
+//!
+//! [`ForwardingBackend::apply`]: crate::forwarding::ForwardingBackend::apply
+//! [`ForwardingBackend::apply_incremental`]: crate::forwarding::ForwardingBackend::apply_incremental
 //!
 //! The loop only starts once the caches have synced and only ever reads them, so a restart or
 //! an API outage (where the caches keep their last state) never writes an emptier ruleset than
@@ -246,7 +253,7 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
 
     let result = match desired {
         Ok(desired) if !full && state.last_applied.as_ref() == Some(&desired) => Ok(desired),
-        Ok(desired) => apply(ctx, state, desired).await,
+        Ok(desired) => apply(ctx, state, desired, full).await,
         Err(error) => Err(error),
     };
     match &result {
@@ -268,16 +275,30 @@ async fn apply(
     ctx: &Context,
     state: &SyncState,
     desired: ForwardingRuleset,
+    full: bool,
 ) -> Result<ForwardingRuleset, String> {
     let backend = ctx.backend.clone();
     let to_apply = desired.clone();
-    let report = tokio::task::spawn_blocking(move || backend.apply(&to_apply))
-        .await
-        .map_err(|e| format!("forwarding task failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+    let report = tokio::task::spawn_blocking(move || {
+        if full {
+            backend.apply(&to_apply)
+        } else {
+            backend.apply_incremental(&to_apply)
+        }
+    })
+    .await
+    .map_err(|e| format!("forwarding task failed: {e}"))?
+    .map_err(|e| e.to_string())?;
+    if let Some(failure) = &report.incremental_failure {
+        warn!(%failure, backend = ctx.backend.name(), "incremental forwarding update refused; inspected the whole table instead");
+    }
     if report.rewritten {
-        let difference = report.difference.clone().unwrap_or_default();
-        if state.last_applied.as_ref() == Some(&desired) {
+        let mut difference = report.difference.clone().unwrap_or_default();
+        let unchanged_on_our_side = state.last_applied.as_ref() == Some(&desired);
+        if let Some(failure) = &report.incremental_failure {
+            difference = format!("{difference}; the incremental update failed: {failure}");
+        }
+        if !report.incremental && (unchanged_on_our_side || report.incremental_failure.is_some()) {
             ctx.metrics.drift_repaired();
             warn!(%difference, backend = ctx.backend.name(), "forwarding rules drifted; rewrote them");
             if let Some(node) = ctx.caches.node.state().into_iter().next() {
@@ -296,6 +317,7 @@ async fn apply(
         } else {
             info!(
                 forwards = report.forwards,
+                incremental = report.incremental,
                 %difference,
                 duration = ?report.duration,
                 backend = ctx.backend.name(),

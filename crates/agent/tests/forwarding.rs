@@ -286,6 +286,177 @@ fn foreign_rules_are_left_alone(kind: Kind) {
     }
 }
 
+/// Installs `rules` with a full apply, as the first sync does; the incremental path then
+/// builds on the state the backend remembers.
+fn installed(
+    kind: Kind,
+    topology: &ForwardingTopology,
+    rules: &ForwardingRuleset,
+) -> Box<dyn ForwardingBackend> {
+    let backend = backend(kind, topology);
+    let report = backend.apply(rules).unwrap();
+    assert!(report.rewritten && !report.incremental, "{report:?}");
+    backend
+}
+
+fn with_forward(base: &ForwardingRuleset, forward: Forward) -> ForwardingRuleset {
+    let mut forwards = base.forwards().to_vec();
+    forwards.retain(|f| f.key() != forward.key());
+    forwards.push(forward);
+    ForwardingRuleset::new(
+        base.public_addresses().iter().copied(),
+        base.container_networks().iter().copied(),
+        forwards,
+    )
+    .unwrap()
+}
+
+fn incremental_add_carries_traffic_and_keeps_open_connections(kind: Kind) {
+    let topology = ForwardingTopology::create().unwrap();
+    let _servers = container_servers(&topology);
+    // A second container address, and no container network: the new target must join the
+    // masquerade sources (nft: the interval 10.244.1.2 becomes 10.244.1.2-10.244.1.3 in the same
+    // transaction) for its hairpin to work.
+    let second_address = "10.244.1.3".parse().unwrap();
+    topology
+        .container
+        .add_address("eth0", &format!("{second_address}/24"))
+        .unwrap();
+    let second =
+        tcp_echo_server(&topology.container, SocketAddrV4::new(second_address, 8001)).unwrap();
+    let base = ForwardingRuleset::new(
+        [NODE_PUBLIC_ADDRESS],
+        [],
+        both_on_9000().forwards().iter().copied(),
+    )
+    .unwrap();
+    let backend = installed(kind, &topology, &base);
+    let mut session = TcpSession::connect(&topology.client, public(PUBLIC_PORT), PATIENCE).unwrap();
+    assert!(session.exchange("one").unwrap().starts_with("one from "));
+    assert!(tcp_exchange(&topology.client, public(9001), "x", REFUSAL_PATIENCE).is_err());
+
+    let bigger = with_forward(&base, Forward::new(Protocol::Tcp, 9001, second.address));
+    let report = backend.apply_incremental(&bigger).unwrap();
+    assert!(report.rewritten && report.incremental, "{report:?}");
+    assert_eq!(report.incremental_failure, None, "{report:?}");
+    assert!(report.cleared_udp_flows.is_empty(), "{report:?}");
+
+    let reply = tcp_exchange(&topology.client, public(9001), "new", PATIENCE).unwrap();
+    assert_eq!(reply, format!("new from {CLIENT_ADDRESS}"));
+    let hairpin = tcp_exchange(&topology.container, public(9001), "hairpin", PATIENCE).unwrap();
+    assert_eq!(hairpin, format!("hairpin from {NODE_CONTAINER_GATEWAY}"));
+    assert!(session.exchange("two").unwrap().starts_with("two from "));
+    // What the incremental transaction left is exactly what a full write would have written.
+    assert!(
+        backend.is_in_sync(&bigger).unwrap(),
+        "{:?}",
+        backend.inspect(&bigger).unwrap()
+    );
+    // Nothing changed since: nothing is written.
+    let again = backend.apply_incremental(&bigger).unwrap();
+    assert!(!again.rewritten, "{again:?}");
+}
+
+fn incremental_removal_stops_traffic_and_clears_udp_conntrack(kind: Kind) {
+    let topology = ForwardingTopology::create().unwrap();
+    let _servers = container_servers(&topology);
+    let backend = installed(kind, &topology, &both_on_9000());
+    let flow = UdpFlow::open(&topology.client, public(PUBLIC_PORT), PATIENCE).unwrap();
+    assert!(flow.exchange("before").unwrap().starts_with("before from "));
+
+    let tcp_only = ruleset(&[(Protocol::Tcp, PUBLIC_PORT, PRIVATE_PORT)]);
+    let report = backend.apply_incremental(&tcp_only).unwrap();
+    assert!(report.rewritten && report.incremental, "{report:?}");
+    assert_eq!(report.cleared_udp_flows.len(), 1, "{report:?}");
+    assert!(report.conntrack_entries_deleted >= 1, "{report:?}");
+    assert!(report.conntrack_failures.is_empty(), "{report:?}");
+    assert!(
+        flow.exchange("after removal").is_err(),
+        "the ongoing UDP flow must stop with its forward"
+    );
+    let reply = tcp_exchange(&topology.client, public(PUBLIC_PORT), "tcp", PATIENCE).unwrap();
+    assert_eq!(reply, format!("tcp from {CLIENT_ADDRESS}"));
+    assert!(backend.is_in_sync(&tcp_only).unwrap());
+
+    let report = backend.apply_incremental(&ruleset(&[])).unwrap();
+    assert!(report.incremental, "{report:?}");
+    assert!(tcp_exchange(&topology.client, public(PUBLIC_PORT), "x", REFUSAL_PATIENCE).is_err());
+    assert!(backend.is_in_sync(&ruleset(&[])).unwrap());
+}
+
+fn incremental_target_change_moves_new_and_udp_traffic(kind: Kind) {
+    let topology = ForwardingTopology::create().unwrap();
+    // A second container address: the old and new targets differ in address and port.
+    let moved_to = "10.244.1.3".parse().unwrap();
+    topology
+        .container
+        .add_address("eth0", &format!("{moved_to}/24"))
+        .unwrap();
+    let old_servers = container_servers(&topology);
+    let new_target = SocketAddrV4::new(moved_to, 8005);
+    let _new_tcp = tcp_echo_server(&topology.container, new_target).unwrap();
+    let _new_udp = udp_echo_server(&topology.container, new_target).unwrap();
+    let backend = installed(kind, &topology, &both_on_9000());
+    let flow = UdpFlow::open(&topology.client, public(PUBLIC_PORT), PATIENCE).unwrap();
+    assert!(flow.exchange("old").unwrap().starts_with("old from "));
+    tcp_exchange(&topology.client, public(PUBLIC_PORT), "old", PATIENCE).unwrap();
+    // The old target goes away, so any answer from now on comes from the new one.
+    drop(old_servers);
+
+    let moved = ruleset(&[]);
+    let moved = with_forward(&moved, Forward::new(Protocol::Tcp, PUBLIC_PORT, new_target));
+    let moved = with_forward(&moved, Forward::new(Protocol::Udp, PUBLIC_PORT, new_target));
+    let report = backend.apply_incremental(&moved).unwrap();
+    assert!(report.rewritten && report.incremental, "{report:?}");
+    assert_eq!(report.cleared_udp_flows.len(), 1, "{report:?}");
+    assert!(report.conntrack_entries_deleted >= 1, "{report:?}");
+
+    let reply = tcp_exchange(&topology.client, public(PUBLIC_PORT), "new", PATIENCE).unwrap();
+    assert_eq!(reply, format!("new from {CLIENT_ADDRESS}"));
+    // The same UDP flow (same source port) now reaches the new target: its old conntrack
+    // entry, bound to the old target, was deleted.
+    assert_eq!(
+        flow.exchange("moved").unwrap(),
+        format!("moved from {CLIENT_ADDRESS}")
+    );
+    assert!(
+        backend.is_in_sync(&moved).unwrap(),
+        "{:?}",
+        backend.inspect(&moved).unwrap()
+    );
+}
+
+/// A table changed behind the agent's back makes the incremental transaction fail as a whole;
+/// the backend then inspects and rewrites, and the change still lands.
+fn a_refused_incremental_update_falls_back_to_a_full_rewrite(kind: Kind) {
+    let topology = ForwardingTopology::create().unwrap();
+    let _servers = container_servers(&topology);
+    let second = tcp_echo_server(
+        &topology.container,
+        SocketAddrV4::new(CONTAINER_ADDRESS, 8001),
+    )
+    .unwrap();
+    let backend = installed(kind, &topology, &both_on_9000());
+    flush_everything(kind, &topology);
+
+    // Removing the UDP forward needs its element / rule, which the flush took.
+    let changed = with_forward(
+        &ruleset(&[(Protocol::Tcp, PUBLIC_PORT, PRIVATE_PORT)]),
+        Forward::new(Protocol::Tcp, 9001, second.address),
+    );
+    let report = backend.apply_incremental(&changed).unwrap();
+    assert!(report.incremental_failure.is_some(), "{report:?}");
+    assert!(report.rewritten && !report.incremental, "{report:?}");
+    assert!(backend.is_in_sync(&changed).unwrap());
+    for port in [PUBLIC_PORT, 9001] {
+        tcp_exchange(&topology.client, public(port), "x", PATIENCE)
+            .unwrap_or_else(|e| panic!("port {port}: {e}"));
+    }
+    // And the memory is good again: the next change is incremental.
+    let report = backend.apply_incremental(&both_on_9000()).unwrap();
+    assert!(report.incremental, "{report:?}");
+}
+
 macro_rules! for_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod nft {
@@ -303,4 +474,8 @@ for_both_backends!(
     drift_is_detected_and_repaired,
     reapplying_keeps_an_open_tcp_connection,
     foreign_rules_are_left_alone,
+    incremental_add_carries_traffic_and_keeps_open_connections,
+    incremental_removal_stops_traffic_and_clears_udp_conntrack,
+    incremental_target_change_moves_new_and_udp_traffic,
+    a_refused_incremental_update_falls_back_to_a_full_rewrite,
 );

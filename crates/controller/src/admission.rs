@@ -6,12 +6,15 @@
 //! that changed — releases before grants, so a failed write can never leave the server oversold.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
 
 use k8s_openapi::jiff::Timestamp;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -79,10 +82,31 @@ impl AdmissionRecord {
     }
 }
 
+/// How many admission status writes of one pass are in flight at once. Releases all complete
+/// before any grant is sent, so the order that keeps a server from being oversold holds.
+const WRITES_IN_FLIGHT: usize = 16;
+
+/// One server's passes: serialised by `last`, and coalesced. A request takes a ticket; a pass
+/// covers every ticket taken before it started reading the caches, so a request whose ticket a
+/// finished pass covers has nothing left to decide (that pass read everything the request saw).
+#[derive(Default)]
+struct ServerPasses {
+    requested: AtomicU64,
+    last: tokio::sync::Mutex<LastPass>,
+}
+
+#[derive(Default)]
+struct LastPass {
+    /// The highest ticket the last successful pass covers.
+    covered: u64,
+    /// When the last pass wants to run again (a container too young to decide).
+    again_at: Option<Instant>,
+}
+
 /// Per-server serialisation and the controller's view of its own admission writes.
 #[derive(Default)]
 pub struct AdmissionState {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<String, Arc<ServerPasses>>>,
     overlay: crate::overlay::Overlay<AdmissionRecord>,
     /// Containers whose finalizer this controller removed: their reservation is free even
     /// while the watch cache still shows them.
@@ -90,7 +114,7 @@ pub struct AdmissionState {
 }
 
 impl AdmissionState {
-    fn lock_for(&self, server: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock_for(&self, server: &str) -> Arc<ServerPasses> {
         self.locks
             .lock()
             .expect("admission locks")
@@ -173,11 +197,50 @@ fn ownership(customers: &[Arc<Customer>], namespace: &str, server: &str) -> Opti
 /// the API server and the controller only weakens that ordering, never the capacity invariant.
 pub const ADMISSION_SETTLE: Duration = Duration::from_secs(2);
 
-/// Runs one admission pass for `server`. Returns when the pass should run again because a new
-/// container was too young to be decided.
+/// Makes sure an admission pass for `server` runs after this call: runs one, or waits for one
+/// that started after this call and covers it (a burst of reconciles of one server's containers
+/// shares a few passes instead of running one each). Returns when the pass should run again
+/// because a new container was too young to be decided.
 pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration>, Error> {
-    let lock = ctx.admission.lock_for(server);
-    let _serialised = lock.lock().await;
+    let passes = ctx.admission.lock_for(server);
+    let ticket = passes.requested.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut last = passes.last.lock().await;
+    if last.covered >= ticket {
+        return Ok(last
+            .again_at
+            .map(|at| at.saturating_duration_since(Instant::now())));
+    }
+    // Every ticket taken so far is covered: the caches are read after this point.
+    let covering = passes.requested.load(Ordering::SeqCst);
+    let (again, events) = admission_pass(ctx, server).await?;
+    last.covered = covering;
+    last.again_at = again.map(|wait| Instant::now() + wait);
+    drop(last);
+    // Events are published outside the server's critical section.
+    stream::iter(events)
+        .for_each_concurrent(WRITES_IN_FLIGHT, |(reference, event)| async move {
+            ctx.publish(&reference, event).await;
+        })
+        .await;
+    Ok(again)
+}
+
+/// Events an admission pass wants published.
+type Events = Vec<(ObjectReference, Event)>;
+
+/// How long until a container created in second `created` may be decided (`None`: now).
+/// Millisecond-exact, so a burst is decided right when its creation second has settled.
+fn settle_wait(created: i64, now_ms: i64) -> Option<Duration> {
+    let settled_at_ms = created
+        .saturating_add(ADMISSION_SETTLE.as_secs() as i64)
+        .saturating_mul(1000);
+    // A few milliseconds late rather than early: an early wake-up finds it still young.
+    (settled_at_ms > now_ms)
+        .then(|| Duration::from_millis(u64::try_from(settled_at_ms - now_ms).unwrap_or(0) + 5))
+}
+
+/// One admission pass for `server` (the caller holds the server's lock).
+async fn admission_pass(ctx: &Context, server: &str) -> Result<(Option<Duration>, Events), Error> {
     let timer = ctx.metrics.admission_pass_started();
 
     let nodes: Vec<Arc<Node>> = ctx.nodes.state();
@@ -187,8 +250,8 @@ pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration
     ctx.admission
         .forget_dead(&containers.iter().map(|c| uid_of(c)).collect());
 
-    let now = Timestamp::now().as_second();
-    let mut settle_wait: Option<Duration> = None;
+    let now_ms = Timestamp::now().as_millisecond();
+    let mut again: Option<Duration> = None;
     let mut records: HashMap<String, AdmissionRecord> = HashMap::new();
     let mut on_server: Vec<(&Arc<Container>, ObjectKey)> = Vec::new();
     let mut candidates = Vec::new();
@@ -202,13 +265,10 @@ pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration
             // A container being deleted keeps what it holds until its finalizer is gone, and
             // asks for nothing new.
             let key = key_of(container.as_ref());
-            let settled_at = key
-                .created
-                .saturating_add(ADMISSION_SETTLE.as_secs() as i64);
-            let young = held.is_none() && !deleting && settled_at > now;
-            if young {
-                let wait = Duration::from_secs(u64::try_from(settled_at - now).unwrap_or(1));
-                settle_wait = Some(settle_wait.map_or(wait, |w| w.min(wait)));
+            let wait = settle_wait(key.created, now_ms).filter(|_| held.is_none() && !deleting);
+            let young = wait.is_some();
+            if let Some(wait) = wait {
+                again = Some(again.map_or(wait, |w| w.min(wait)));
             }
             if !young && (held.is_some() || !deleting) {
                 let namespace = container.namespace().unwrap_or_default();
@@ -238,8 +298,8 @@ pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration
         Err(problem) => {
             // The node stopped being a usable server (label or annotations removed). Nothing
             // is evicted: holders keep their reservations; the rest are told why.
-            refuse_all_new(ctx, &on_server, &records, &problem).await?;
-            return Ok(settle_wait);
+            let events = refuse_all_new(ctx, &on_server, &records, &problem).await?;
+            return Ok((again, events));
         }
     };
     ctx.metrics.record_usage(&admission.usage);
@@ -327,15 +387,18 @@ pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration
         }
     }
     // Releases first: if one fails, nothing is granted on top of a reservation still held.
-    for (container, desired, change) in releases.into_iter().chain(grants) {
-        write_admission(
-            ctx,
-            &container,
-            &records[&uid_of(&container)],
-            desired,
-            change,
-        )
-        .await?;
+    // Within each group the writes are independent and go out together.
+    let mut events = Vec::new();
+    for group in [releases, grants] {
+        let written: Vec<Option<(ObjectReference, Event)>> = stream::iter(group)
+            .map(|(container, desired, change)| {
+                let current = &records[&uid_of(&container)];
+                async move { write_admission(ctx, &container, current, desired, change).await }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        events.extend(written.into_iter().flatten());
     }
     debug!(
         server,
@@ -344,7 +407,7 @@ pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration
     );
     drop(timer);
     report_overcommit(ctx, server, &admission, &nodes).await;
-    Ok(settle_wait)
+    Ok((again, events))
 }
 
 fn home_of(ctx: &Context, uid: i64) -> Option<String> {
@@ -359,15 +422,16 @@ async fn refuse_all_new(
     on_server: &[(&Arc<Container>, ObjectKey)],
     records: &HashMap<String, AdmissionRecord>,
     problem: &PlacementError,
-) -> Result<(), Error> {
+) -> Result<Events, Error> {
+    let mut events = Vec::new();
     for (container, _) in on_server {
         let current = &records[&uid_of(container)];
         if current.reserved.is_some() {
             continue;
         }
-        refuse(ctx, container, current, problem).await?;
+        events.extend(refuse(ctx, container, current, problem).await?);
     }
-    Ok(())
+    Ok(events)
 }
 
 /// Writes `Admitted=False` for a container that cannot be placed at all (unknown server, not
@@ -377,10 +441,15 @@ pub async fn refuse_unplaced(
     container: &Container,
     problem: &PlacementError,
 ) -> Result<(), Error> {
-    let lock = ctx.admission.lock_for("");
-    let _serialised = lock.lock().await;
+    let passes = ctx.admission.lock_for("");
+    let serialised = passes.last.lock().await;
     let current = ctx.admission.effective(container);
-    refuse(ctx, container, &current, problem).await
+    let event = refuse(ctx, container, &current, problem).await?;
+    drop(serialised);
+    if let Some((reference, event)) = event {
+        ctx.publish(&reference, event).await;
+    }
+    Ok(())
 }
 
 async fn refuse(
@@ -388,7 +457,7 @@ async fn refuse(
     container: &Container,
     current: &AdmissionRecord,
     problem: &PlacementError,
-) -> Result<(), Error> {
+) -> Result<Option<(ObjectReference, Event)>, Error> {
     let desired = AdmissionRecord {
         uid: current.uid,
         server: None,
@@ -399,7 +468,7 @@ async fn refuse(
         observed_generation: container.metadata.generation,
     };
     if desired == *current {
-        return Ok(());
+        return Ok(None);
     }
     write_admission(ctx, container, current, desired, None).await
 }
@@ -410,7 +479,7 @@ async fn write_admission(
     current: &AdmissionRecord,
     desired: AdmissionRecord,
     change: Option<Change>,
-) -> Result<(), Error> {
+) -> Result<Option<(ObjectReference, Event)>, Error> {
     let (status, reason, message) = desired.admitted.clone().unwrap_or_default();
     let condition = Desired {
         type_: ADMITTED,
@@ -470,8 +539,8 @@ async fn write_admission(
             %message,
             "admission decision"
         );
-        ctx.publish(
-            &container.object_ref(&()),
+        return Ok(Some((
+            container.object_ref(&()),
             Event {
                 type_,
                 reason,
@@ -479,10 +548,9 @@ async fn write_admission(
                 action: action.into(),
                 secondary: None,
             },
-        )
-        .await;
+        )));
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn report_overcommit(

@@ -101,15 +101,6 @@ async fn reconcile_workload(
     ctx: &Context,
 ) -> Result<(), Error> {
     let namespace = container.namespace().unwrap_or_default();
-    let containers = ctx.containers.state();
-    let facts: Vec<_> = containers
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
-        .map(|c| {
-            let r = ctx.admission.effective(c);
-            container_facts(c, r.server.clone(), r.is_admitted())
-        })
-        .collect();
     let distros: Vec<_> = ctx
         .distros
         .state()
@@ -117,11 +108,36 @@ async fn reconcile_workload(
         .filter(|d| d.namespace().as_deref() == Some(namespace.as_str()))
         .map(|d| distro_facts(d))
         .collect();
+    // The namespace's containers matter only to custom distros: without any, skip the O(N) scan.
+    let facts: Vec<_> = if distros.is_empty() {
+        Vec::new()
+    } else {
+        ctx.containers
+            .state()
+            .iter()
+            .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+            .map(|c| {
+                let r = ctx.admission.effective(c);
+                container_facts(c, r.server.clone(), r.is_admitted())
+            })
+            .collect()
+    };
     let me = container_facts(container, record.server.clone(), record.is_admitted());
     let usable = uwsgi_it_domain::distro::usable_distros(&me, &distros, &facts);
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let existing = pods.get_opt(&container.name_any()).await?;
+    // A container that has no distro and shows no trace of a workload (no Running condition, no
+    // address: both are written whenever a Pod is created or seen) has no Pod to look up.
+    let never_ran = container.spec.distro.is_none()
+        && container
+            .status
+            .as_ref()
+            .is_none_or(|s| s.ip.is_none() && condition::find(&s.conditions, RUNNING).is_none());
+    let existing = if never_ran {
+        None
+    } else {
+        pods.get_opt(&container.name_any()).await?
+    };
     let status = match plan_workload(container, record, ctx, &me, &distros, &facts) {
         Err(why) => {
             if let Some(pod) = &existing {

@@ -45,6 +45,9 @@ pub struct Context {
     pub uids: UidStore,
     /// Metrics.
     pub metrics: Metrics,
+    /// Customers (by uid) whose namespace and RoleBinding were applied, with the generation
+    /// applied and when.
+    pub customer_applied: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
     synced: tokio::sync::watch::Sender<bool>,
     backoff: Mutex<HashMap<String, u32>>,
     overcommit_reported: Mutex<HashMap<String, String>>,
@@ -74,6 +77,7 @@ impl Context {
             ports: PortState::default(),
             uids,
             metrics,
+            customer_applied: Mutex::new(HashMap::new()),
             synced: tokio::sync::watch::Sender::new(false),
             backoff: Mutex::new(HashMap::new()),
             overcommit_reported: Mutex::new(HashMap::new()),

@@ -97,6 +97,51 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
         set_finalizers(&ctx, &customer, finalizers).await?;
     }
 
+    // A Customer is reconciled on every change of its containers (its usage); its namespace and
+    // RoleBinding depend only on its spec, so they are applied once per generation (and again
+    // after REAPPLY, which repairs drift such as a deleted RoleBinding).
+    let uid = customer.metadata.uid.clone().unwrap_or_default();
+    let applied = ctx
+        .customer_applied
+        .lock()
+        .expect("customer applied map")
+        .get(&uid)
+        .is_some_and(|(generation, at)| {
+            *generation == customer.metadata.generation && at.elapsed() < REAPPLY
+        });
+    if !applied {
+        apply_namespace_and_binding(&ctx, &customer, &namespace).await?;
+        ctx.customer_applied
+            .lock()
+            .expect("customer applied map")
+            .insert(
+                uid,
+                (customer.metadata.generation, std::time::Instant::now()),
+            );
+    }
+
+    let ready = Desired::yes(
+        READY,
+        "Ready",
+        format!(
+            "namespace {namespace} with {} user(s) and {} group(s) bound to {}",
+            customer.spec.users.len(),
+            customer.spec.groups.len(),
+            ctx.config.customer_cluster_role
+        ),
+    );
+    write_status(&ctx, &customer, &namespace, ready).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// How long an applied namespace and RoleBinding are trusted before they are applied again.
+const REAPPLY: Duration = Duration::from_secs(60);
+
+async fn apply_namespace_and_binding(
+    ctx: &Context,
+    customer: &Customer,
+    namespace: &str,
+) -> Result<(), Error> {
     let manager = PatchParams::apply(ADMISSION_MANAGER).force();
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let ns = json!({
@@ -105,7 +150,7 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
         "metadata": {"name": namespace, "labels": {CUSTOMER_LABEL: customer.name_any(), MANAGED_BY.0: MANAGED_BY.1}},
     });
     namespaces
-        .patch(&namespace, &manager, &Patch::Apply(&ns))
+        .patch(namespace, &manager, &Patch::Apply(&ns))
         .await?;
 
     let subjects: Vec<_> =
@@ -129,23 +174,11 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ctx.config.customer_cluster_role},
         "subjects": subjects,
     });
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
     bindings
         .patch(ROLE_BINDING, &manager, &Patch::Apply(&binding))
         .await?;
-
-    let ready = Desired::yes(
-        READY,
-        "Ready",
-        format!(
-            "namespace {namespace} with {} user(s) and {} group(s) bound to {}",
-            customer.spec.users.len(),
-            customer.spec.groups.len(),
-            ctx.config.customer_cluster_role
-        ),
-    );
-    write_status(&ctx, &customer, &namespace, ready).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(())
 }
 
 /// Usage of every server the customer owns: capacity, everyone's reservations, what is free,
@@ -157,24 +190,29 @@ fn usage(ctx: &Context, customer: &Customer, namespace: &str) -> Vec<ServerUsage
     let mut servers = customer.spec.servers.clone();
     servers.sort();
     servers.dedup();
+    // One walk over the containers, not one per server.
+    let mut totals: std::collections::HashMap<String, (i64, i64, i64)> = servers
+        .iter()
+        .map(|name| (name.clone(), (0, 0, 0)))
+        .collect();
+    for container in &containers {
+        let record = ctx.admission.effective(container);
+        let Some(total) = record.server.as_ref().and_then(|s| totals.get_mut(s)) else {
+            continue;
+        };
+        if let Some(reserved) = &record.reserved {
+            total.0 += reserved.memory;
+            total.1 += reserved.storage;
+        }
+        if container.namespace().as_deref() == Some(namespace) {
+            total.2 += 1;
+        }
+    }
     servers
         .into_iter()
         .map(|name| {
             let capacity = resolve_server(&name, &facts).map(|s| s.capacity).ok();
-            let (mut memory, mut storage, mut mine) = (0i64, 0i64, 0i64);
-            for container in &containers {
-                let record = ctx.admission.effective(container);
-                if record.server.as_deref() != Some(name.as_str()) {
-                    continue;
-                }
-                if let Some(reserved) = &record.reserved {
-                    memory += reserved.memory;
-                    storage += reserved.storage;
-                }
-                if container.namespace().as_deref() == Some(namespace) {
-                    mine += 1;
-                }
-            }
+            let (memory, storage, mine) = totals[&name];
             let resource = |capacity: Option<u64>, used: i64| {
                 let capacity = capacity.map_or(0, |c| i64::try_from(c).unwrap_or(i64::MAX));
                 ResourceUsage {

@@ -189,6 +189,22 @@ fn same_namespace<K: ResourceExt>(object: &K) -> Option<String> {
     object.namespace()
 }
 
+/// The last generation seen of each object (by uid): a filter that lets through what an object
+/// says (spec changes and the start of its deletion both bump the generation) and drops
+/// status-only updates.
+#[derive(Default)]
+struct Generations(std::sync::Mutex<std::collections::HashMap<String, Option<i64>>>);
+
+impl Generations {
+    /// True when `object` is new or its generation changed since the last call.
+    fn changed<K: ResourceExt>(&self, object: &K) -> bool {
+        let uid = object.uid().unwrap_or_default();
+        let generation = object.meta().generation;
+        let mut seen = self.0.lock().expect("generations");
+        seen.insert(uid, generation) != Some(generation)
+    }
+}
+
 impl Controllers {
     fn new(client: Client, options: &Options, metrics: Metrics) -> Self {
         let all = watcher::Config::default().any_semantic();
@@ -223,6 +239,7 @@ impl Controllers {
         let containers = {
             let by_distro = in_namespace(container_store.clone());
             let by_customer = in_namespace(container_store.clone());
+            let seen_generations = Generations::default();
             let by_node = container_store.clone();
             containers
                 .owns(
@@ -238,10 +255,18 @@ impl Controllers {
                     all.clone(),
                     move |d| by_distro(same_namespace(&d)),
                 )
+                // Only what a Customer says (its servers, its deletion) matters to admission, not
+                // its status: the status changes with every admission (usage), and reconciling
+                // every container of the customer on each of those would grow as N².
                 .watches(
                     Api::<Customer>::all(client.clone()),
                     all.clone(),
-                    move |c| by_customer(Some(c.namespace_name())),
+                    move |c| {
+                        if !seen_generations.changed(&c) {
+                            return Vec::new();
+                        }
+                        by_customer(Some(c.namespace_name()))
+                    },
                 )
                 .watches(Api::<Node>::all(client.clone()), all.clone(), move |node| {
                     let facts = node_facts(&node);

@@ -594,3 +594,69 @@ async fn a_customer_with_containers_is_not_deleted() {
     wait_gone(&containers, "app").await;
     wait_gone(&customers, "keeper").await;
 }
+
+fn assert_forbidden<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => panic!("{what}: expected 403 Forbidden, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_customer_user_creates_a_container_and_sees_it_admitted_but_cannot_delete_it() {
+    let plane = plane_and_controller().await;
+    let admin = plane.client().await.unwrap();
+    server_node(&admin, "self-1", 4000, 100000, "203.0.113.22").await;
+    server_node(&admin, "self-2", 4000, 100000, "203.0.113.23").await;
+    // The controller binds carol to the chart's customer role in namespace "selfserve" (and
+    // dave in "neighbour"); nothing else gives either of them any right.
+    customer(&admin, "selfserve", &["self-1"], &["carol"]).await;
+    customer(&admin, "neighbour", &["self-2"], &["dave"]).await;
+    let carol = plane.client_as("carol", &[]).await.unwrap();
+    let containers: Api<Container> = Api::namespaced(carol.clone(), "selfserve");
+    // The RoleBinding reaches the API server's authorizer shortly after it is written.
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Err(e) = containers.list(&Default::default()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "carol's binding never took effect: {e}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let app = container(
+        "app",
+        json!({"server": "203.0.113.22", "memory": 256, "storage": 1000}),
+    );
+    containers
+        .create(&PostParams::default(), &app)
+        .await
+        .expect("carol creates a Container in her namespace");
+    // She watches her own Container until the controller has admitted it.
+    let app = wait_for(&containers, "app", admitted).await;
+    let status = app.status.unwrap();
+    assert_eq!(status.server.as_deref(), Some("self-1"));
+    assert_eq!(status.reserved.unwrap().memory, 256);
+
+    assert_forbidden(
+        "carol deleting her Container",
+        containers.delete("app", &DeleteParams::default()).await,
+    );
+    let neighbour: Api<Container> = Api::namespaced(carol, "neighbour");
+    let intruder = container(
+        "intruder",
+        json!({"server": "self-2", "memory": 64, "storage": 100}),
+    );
+    assert_forbidden(
+        "carol creating a Container in another customer's namespace",
+        neighbour.create(&PostParams::default(), &intruder).await,
+    );
+    assert_forbidden(
+        "carol listing another customer's Containers",
+        neighbour.list(&Default::default()).await,
+    );
+    assert!(
+        containers.get("app").await.is_ok(),
+        "still there: a customer never deletes a Container"
+    );
+}

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -142,7 +142,10 @@ async fn watch_pods(
     state: Arc<Mutex<State>>,
 ) {
     let api: Api<Pod> = Api::all(client);
-    let mut events = std::pin::pin!(watcher(api.clone(), watcher::Config::default()));
+    // With backoff: while the API server is down (outage tests) the watch retries calmly
+    // instead of spinning on connection errors.
+    let mut events =
+        std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
     while let Some(event) = events.next().await {
         let pods = match event {
             Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => vec![pod],

@@ -1,15 +1,19 @@
 //! Test support for the controller's integration tests: the real control plane with the CRDs,
-//! one controller per test binary running on a thread of its own, and helpers that build the
-//! objects of a test in names of its own.
+//! one controller per test binary running on a thread of its own — as the chart's controller
+//! ServiceAccount, with exactly the chart's RBAC, so every test also proves that RBAC sufficient —
+//! and helpers that build the objects of a test in names of its own.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Client, Resource};
 use serde::Serialize;
@@ -31,6 +35,153 @@ pub fn test_config() -> OperatorConfig {
     .expect("test configuration")
 }
 
+/// Release name the chart is rendered with: its controller ServiceAccount is
+/// `<release>-controller`.
+pub const RELEASE: &str = "uwsgi-it";
+
+/// The chart's controller ServiceAccount name for [`RELEASE`].
+pub fn controller_service_account() -> String {
+    format!("{RELEASE}-controller")
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(relative)
+}
+
+/// The helm binary: `UWSGI_IT_HELM`, else whatever `hack/helm.sh` builds or finds in its cache.
+fn helm_binary() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        if let Some(path) = std::env::var_os("UWSGI_IT_HELM") {
+            return PathBuf::from(path);
+        }
+        let out = Command::new("bash")
+            .arg(repo_path("hack/helm.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running hack/helm.sh");
+        assert!(out.status.success(), "hack/helm.sh failed: {}", out.status);
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// Kinds of the chart's objects that make up its RBAC.
+const RBAC_KINDS: [&str; 5] = [
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+];
+
+/// Renders the chart with `helm template` for release namespace `namespace` and applies its
+/// RBAC objects (ServiceAccounts, ClusterRoles — the customer role included —, ClusterRoleBindings,
+/// Roles, RoleBindings) with `kubectl apply --server-side`. Nothing else of the chart is applied.
+pub fn apply_chart_rbac(plane: &ControlPlane, namespace: &str) {
+    let chart = repo_path("charts/uwsgi-it-operator");
+    let out = Command::new(helm_binary())
+        .args(["template", RELEASE])
+        .arg(&chart)
+        .args(["--namespace", namespace])
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).expect("helm output is UTF-8");
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&yaml).expect("helm template output is YAML");
+    let items: Vec<serde_json::Value> = documents
+        .into_iter()
+        .filter(|d| {
+            d["kind"]
+                .as_str()
+                .is_some_and(|kind| RBAC_KINDS.contains(&kind))
+        })
+        .collect();
+    let has = |kind: &str, name: &str| {
+        items
+            .iter()
+            .any(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+    };
+    let customer_role = test_config().customer_cluster_role;
+    assert!(
+        has("ServiceAccount", &controller_service_account())
+            && has("ClusterRole", &format!("{RELEASE}-controller"))
+            && has("ClusterRole", &customer_role),
+        "the chart renders the controller's ServiceAccount and roles and the customer role"
+    );
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let mut kubectl = plane
+        .kubectl()
+        .args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=uwsgi-it-controller-tests",
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    kubectl
+        .stdin
+        .take()
+        .expect("kubectl stdin")
+        .write_all(list.to_string().as_bytes())
+        .expect("writing the RBAC to kubectl");
+    let out = kubectl.wait_with_output().expect("kubectl finishes");
+    assert!(
+        out.status.success(),
+        "kubectl apply of the chart's RBAC failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// A client acting as the chart's controller ServiceAccount of `namespace`.
+pub async fn controller_client(plane: &ControlPlane, namespace: &str) -> Client {
+    let user = format!(
+        "system:serviceaccount:{namespace}:{}",
+        controller_service_account()
+    );
+    let group = format!("system:serviceaccounts:{namespace}");
+    plane
+        .client_as(&user, &["system:serviceaccounts", &group])
+        .await
+        .expect("controller client")
+}
+
+/// Waits until the RBAC just applied reaches the API server's authorizer: the ServiceAccount
+/// can list Containers cluster-wide (ClusterRoleBinding) and read its uid store (RoleBinding;
+/// a missing ConfigMap is a 404, a missing grant a 403).
+async fn wait_for_rbac(client: &Client, namespace: &str) {
+    let deadline = Instant::now() + WAIT;
+    let containers: Api<Container> = Api::all(client.clone());
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let uid_store = test_config().uid_store;
+    loop {
+        let listed = containers.list(&ListParams::default().limit(1)).await;
+        let read = maps.get_opt(&uid_store).await;
+        match (listed, read) {
+            (Ok(_), Ok(_)) => return,
+            (listed, read) if Instant::now() > deadline => panic!(
+                "the chart's RBAC did not take effect within {WAIT:?}: {:?} {:?}",
+                listed.err(),
+                read.err()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// A controller running on a thread of its own, stopped when dropped.
 pub struct RunningController {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -38,14 +189,18 @@ pub struct RunningController {
 }
 
 impl RunningController {
-    /// Starts a controller against `plane`, keeping its Lease and uid store in `namespace`.
+    /// Starts a controller against `plane`, keeping its Lease and uid store in `namespace`. It
+    /// runs as the chart's controller ServiceAccount of `namespace`, with the chart's RBAC
+    /// (rendered for release namespace `namespace` and applied first).
     pub fn start(plane: &'static ControlPlane, namespace: String) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         uwsgi_it_telemetry::init_tracing("warn", false);
         let thread = std::thread::spawn(move || {
+            apply_chart_rbac(plane, &namespace);
             let runtime = tokio::runtime::Runtime::new().expect("controller runtime");
             runtime.block_on(async move {
-                let client = plane.client().await.expect("controller client");
+                let client = controller_client(plane, &namespace).await;
+                wait_for_rbac(&client, &namespace).await;
                 let options = uwsgi_it_controller::Options::new(test_config(), namespace);
                 let shutdown = async move {
                     let _ = stopped.await;
@@ -82,9 +237,11 @@ impl Drop for RunningController {
     }
 }
 
-/// The control plane (with CRDs) and the controller of this test binary.
+/// The control plane (with CRDs) and the controller of this test binary (started once, by
+/// whichever test comes first; the others wait for it).
 pub async fn plane_and_controller() -> &'static ControlPlane {
-    static CONTROLLER: OnceLock<RunningController> = OnceLock::new();
+    static CONTROLLER: tokio::sync::OnceCell<RunningController> =
+        tokio::sync::OnceCell::const_new();
     let plane = tokio::task::spawn_blocking(ControlPlane::shared)
         .await
         .expect("control plane");
@@ -92,13 +249,15 @@ pub async fn plane_and_controller() -> &'static ControlPlane {
         .install_crds(&uwsgi_it_api::crds())
         .await
         .expect("CRDs");
-    if CONTROLLER.get().is_none() {
-        let namespace = plane
-            .namespace("uwsgi-it-system")
-            .await
-            .expect("controller namespace");
-        let _ = CONTROLLER.set(RunningController::start(plane, namespace));
-    }
+    CONTROLLER
+        .get_or_init(|| async {
+            let namespace = plane
+                .namespace("uwsgi-it-system")
+                .await
+                .expect("controller namespace");
+            RunningController::start(plane, namespace)
+        })
+        .await;
     plane
 }
 

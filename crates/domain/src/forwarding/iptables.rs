@@ -16,8 +16,16 @@
 //! the agent adds them only when [`inspect_save`] reports them missing, at the top of the built-in
 //! chain so other software's catch-all rules cannot shadow the forwards.
 //!
+//! Between full writes, [`incremental_restore_input`] changes only the rules that differ: one
+//! `--noflush` restore of `-D <rule>` lines (deleted by specification) followed by `-A <rule>`
+//! lines, committed atomically; a `-D` of a rule that is not there fails the whole restore, and
+//! the agent falls back to a full rewrite. Appended rules end up after the existing ones, which
+//! is harmless: no two owned rules of a chain match the same packet differently (one rule per
+//! protocol and port, one per address, masquerade rules all do the same), so the in-sync check
+//! compares each chain's rules as a sorted list.
+//!
 //! Rules are rendered exactly as `iptables-save` prints them, so the in-sync check is a plain
-//! line comparison.
+//! line comparison (order-insensitive within a chain, see above).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -130,6 +138,33 @@ pub fn restore_input(ruleset: &ForwardingRuleset, missing_jumps: &[JumpRule]) ->
     input
 }
 
+/// `iptables-restore --noflush` input that turns the owned rules of `previous` into those of
+/// `desired` without flushing a chain: deletions first, then additions. `None` when the two
+/// render the same rules. Jumps and chain declarations are left to the full rewrite.
+pub fn incremental_restore_input(
+    previous: &ForwardingRuleset,
+    desired: &ForwardingRuleset,
+) -> Option<String> {
+    let before = owned_rules(previous);
+    let after = owned_rules(desired);
+    let before_set: BTreeSet<&str> = before.iter().map(String::as_str).collect();
+    let after_set: BTreeSet<&str> = after.iter().map(String::as_str).collect();
+    let mut input = String::from("*nat\n");
+    let mut changes = 0usize;
+    for rule in before.iter().filter(|r| !after_set.contains(r.as_str())) {
+        let spec = rule.strip_prefix("-A ").expect("owned rules are appends");
+        let _ = writeln!(input, "-D {spec}");
+        changes += 1;
+    }
+    for rule in after.iter().filter(|r| !before_set.contains(r.as_str())) {
+        input.push_str(rule);
+        input.push('\n');
+        changes += 1;
+    }
+    input.push_str("COMMIT\n");
+    (changes > 0).then_some(input)
+}
+
 /// What `iptables-save -t nat` shows, compared with the desired state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesInspection {
@@ -171,6 +206,12 @@ pub fn inspect_save(desired: &ForwardingRuleset, save_output: &str) -> IptablesI
             found.entry(chain).or_default().push(line);
         }
     }
+    // Order within a chain does not matter (see the module documentation); duplicates do.
+    fn sorted<'a>(rules: Option<&Vec<&'a str>>) -> Vec<&'a str> {
+        let mut rules = rules.cloned().unwrap_or_default();
+        rules.sort_unstable();
+        rules
+    }
     let wanted_rules = owned_rules(desired);
     let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for line in &wanted_rules {
@@ -186,7 +227,7 @@ pub fn inspect_save(desired: &ForwardingRuleset, save_output: &str) -> IptablesI
         .or_else(|| {
             OWNED_CHAINS
                 .into_iter()
-                .find(|chain| found.get(chain) != wanted.get(chain))
+                .find(|chain| sorted(found.get(chain)) != sorted(wanted.get(chain)))
                 .map(|chain| format!("rules of chain {chain} differ"))
         })
         .or_else(|| {

@@ -3,6 +3,11 @@
 //! The agent builds one [`ForwardingRuleset`] per node from the accepted PortMappings, renders it
 //! with [`nft`] or [`iptables`], and hands the result to the kernel in one transaction. Everything
 //! here is pure so the rendering can be golden-tested and the diff property-tested.
+//!
+//! Two kinds of transaction exist: the whole owned table (first sync, periodic resync, drift
+//! repair) and the [`RulesetDiff`] between the last written ruleset and the desired one (the
+//! event path), which touches only the elements that changed, so its cost does not grow with the
+//! number of mappings.
 
 pub mod iptables;
 pub mod nft;
@@ -351,6 +356,100 @@ impl ForwardingRuleset {
             })
             .collect()
     }
+}
+
+/// The element-level difference between the ruleset last written and the desired one.
+///
+/// A forward whose target changed appears in both lists: its old form in `removed_forwards`,
+/// its new form in `added_forwards`, so a renderer deletes the key and adds it again in the same
+/// transaction. Every list is sorted and free of duplicates; applying the removals and then the
+/// additions to `previous` gives exactly `desired` (property-tested).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RulesetDiff {
+    pub removed_addresses: Vec<Ipv4Addr>,
+    pub added_addresses: Vec<Ipv4Addr>,
+    pub removed_forwards: Vec<Forward>,
+    pub added_forwards: Vec<Forward>,
+    /// Merged masquerade ranges ([`ForwardingRuleset::masquerade_sources`]) that go / come.
+    pub removed_masquerade_sources: Vec<Ipv4Range>,
+    pub added_masquerade_sources: Vec<Ipv4Range>,
+}
+
+impl RulesetDiff {
+    /// What turns `previous` into `desired`. Linear in the size of both (they are sorted).
+    pub fn between(previous: &ForwardingRuleset, desired: &ForwardingRuleset) -> RulesetDiff {
+        let (removed_addresses, added_addresses) =
+            sorted_difference(&previous.public_addresses, &desired.public_addresses);
+        let (removed_forwards, added_forwards) =
+            sorted_difference(&previous.forwards, &desired.forwards);
+        let (removed_masquerade_sources, added_masquerade_sources) = sorted_difference(
+            &previous.masquerade_sources(),
+            &desired.masquerade_sources(),
+        );
+        RulesetDiff {
+            removed_addresses,
+            added_addresses,
+            removed_forwards,
+            added_forwards,
+            removed_masquerade_sources,
+            added_masquerade_sources,
+        }
+    }
+
+    /// True when the two rulesets program the same rules.
+    pub fn is_empty(&self) -> bool {
+        self.changes() == 0
+    }
+
+    /// Number of element operations (deletions plus additions).
+    pub fn changes(&self) -> usize {
+        self.removed_addresses.len()
+            + self.added_addresses.len()
+            + self.removed_forwards.len()
+            + self.added_forwards.len()
+            + self.removed_masquerade_sources.len()
+            + self.added_masquerade_sources.len()
+    }
+}
+
+impl fmt::Display for RulesetDiff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} forwards removed, {} added; {} public addresses removed, {} added; {} masquerade ranges removed, {} added",
+            self.removed_forwards.len(),
+            self.added_forwards.len(),
+            self.removed_addresses.len(),
+            self.added_addresses.len(),
+            self.removed_masquerade_sources.len(),
+            self.added_masquerade_sources.len(),
+        )
+    }
+}
+
+/// `(only in a, only in b)` of two sorted, duplicate-free slices, by one merge walk.
+fn sorted_difference<T: Ord + Copy>(a: &[T], b: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut only_a, mut only_b) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                only_a.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                only_b.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    only_a.extend_from_slice(&a[i..]);
+    only_b.extend_from_slice(&b[j..]);
+    (only_a, only_b)
 }
 
 /// A public UDP port on one public address whose conntrack entries are stale.

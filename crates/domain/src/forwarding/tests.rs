@@ -365,3 +365,199 @@ fn a_missing_table_or_element_is_drift() {
         Some("chain UWSGI-IT-PREROUTING is missing")
     );
 }
+
+#[test]
+fn an_unchanged_ruleset_has_an_empty_diff_and_no_transaction() {
+    let r = ruleset(&[
+        (Protocol::Udp, 9000, "10.244.1.2:8000"),
+        (Protocol::Tcp, 9000, "10.244.1.2:8000"),
+    ]);
+    let diff = RulesetDiff::between(&r, &r);
+    assert!(diff.is_empty(), "{diff:?}");
+    assert!(nft::incremental_transaction(&diff).is_none());
+    assert!(iptables::incremental_restore_input(&r, &r).is_none());
+}
+
+#[test]
+fn a_changed_target_is_deleted_and_added_in_one_transaction() {
+    let before = ruleset(&[
+        (Protocol::Tcp, 9000, "10.244.1.2:8000"),
+        (Protocol::Tcp, 9001, "10.244.1.2:8001"),
+        (Protocol::Udp, 9002, "10.244.1.2:8002"),
+    ]);
+    let after = ruleset(&[
+        (Protocol::Tcp, 9000, "10.244.1.2:8000"), // unchanged
+        (Protocol::Tcp, 9001, "10.244.1.3:8001"), // target changed
+        (Protocol::Udp, 9003, "10.244.1.2:8003"), // added; udp 9002 removed
+    ]);
+    let diff = RulesetDiff::between(&before, &after);
+    assert_eq!(
+        diff.removed_forwards,
+        [
+            Forward::new(Protocol::Tcp, 9001, target("10.244.1.2:8001")),
+            Forward::new(Protocol::Udp, 9002, target("10.244.1.2:8002")),
+        ]
+    );
+    assert_eq!(
+        diff.added_forwards,
+        [
+            Forward::new(Protocol::Tcp, 9001, target("10.244.1.3:8001")),
+            Forward::new(Protocol::Udp, 9003, target("10.244.1.2:8003")),
+        ]
+    );
+    // 10.244.1.2 alone becomes 10.244.1.2-10.244.1.3: one range out, one in.
+    assert_eq!(diff.removed_masquerade_sources.len(), 1);
+    assert_eq!(diff.added_masquerade_sources.len(), 1);
+    assert!(diff.removed_addresses.is_empty() && diff.added_addresses.is_empty());
+
+    let transaction = serde_json::to_value(nft::incremental_transaction(&diff).unwrap()).unwrap();
+    let commands: Vec<(String, String)> = transaction["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let (verb, body) = c.as_object().unwrap().iter().next().unwrap();
+            (
+                verb.clone(),
+                body["element"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("delete", nft::FORWARD_ADDRESSES_MAP),
+        ("delete", nft::FORWARD_PORTS_MAP),
+        ("delete", nft::MASQUERADE_SOURCES_SET),
+        ("add", nft::MASQUERADE_SOURCES_SET),
+        ("add", nft::FORWARD_ADDRESSES_MAP),
+        ("add", nft::FORWARD_PORTS_MAP),
+    ]
+    .map(|(v, n)| (v.to_owned(), n.to_owned()));
+    assert_eq!(commands, expected);
+
+    let restore = iptables::incremental_restore_input(&before, &after).unwrap();
+    let lines: Vec<&str> = restore.lines().collect();
+    assert_eq!(lines.first(), Some(&"*nat"));
+    assert_eq!(lines.last(), Some(&"COMMIT"));
+    let deletions = lines.iter().filter(|l| l.starts_with("-D ")).count();
+    let additions = lines.iter().filter(|l| l.starts_with("-A ")).count();
+    // Two forwards and one masquerade rule each way.
+    assert_eq!((deletions, additions), (3, 3), "{restore}");
+    let first_addition = lines.iter().position(|l| l.starts_with("-A ")).unwrap();
+    assert!(
+        lines[first_addition..]
+            .iter()
+            .all(|l| !l.starts_with("-D "))
+    );
+}
+
+#[test]
+fn iptables_rule_order_within_an_owned_chain_is_not_drift() {
+    let r = ruleset(&[
+        (Protocol::Tcp, 9000, "10.244.1.2:8000"),
+        (Protocol::Tcp, 9001, "10.244.1.3:8001"),
+    ]);
+    let mut rules = iptables::owned_rules(&r);
+    rules.reverse();
+    let save = format!(
+        "*nat\n:UWSGI-IT-PREROUTING - [0:0]\n:UWSGI-IT-OUTPUT - [0:0]\n:UWSGI-IT-FORWARDS - [0:0]\n:UWSGI-IT-POSTROUTING - [0:0]\n{}\n{}\nCOMMIT\n",
+        iptables::JUMP_RULES
+            .iter()
+            .map(|j| j.save_line())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        rules.join("\n"),
+    );
+    assert_eq!(iptables::inspect_save(&r, &save).difference, None);
+    // A duplicated rule still is.
+    let doubled = save.replace("COMMIT", &format!("{}\nCOMMIT", rules[0]));
+    assert!(iptables::inspect_save(&r, &doubled).difference.is_some());
+}
+
+fn arbitrary_ruleset_with_networks() -> impl Strategy<Value = ForwardingRuleset> {
+    (arbitrary_ruleset(), proptest::collection::vec(0u8..4, 0..2)).prop_map(|(r, networks)| {
+        ForwardingRuleset::new(
+            r.public_addresses().iter().copied(),
+            networks
+                .into_iter()
+                .map(|n| Ipv4Cidr::new(Ipv4Addr::new(10, 0, n, 0), 24).unwrap()),
+            r.forwards().iter().copied(),
+        )
+        .unwrap()
+    })
+}
+
+fn apply_sorted<T: Ord + Copy>(previous: &[T], removed: &[T], added: &[T]) -> Vec<T> {
+    let mut result: BTreeSet<T> = previous.iter().copied().collect();
+    for item in removed {
+        assert!(result.remove(item), "removed element not present");
+    }
+    for item in added {
+        assert!(result.insert(*item), "added element already present");
+    }
+    result.into_iter().collect()
+}
+
+proptest! {
+    /// Deleting the removed elements then adding the added ones turns the previous table's
+    /// elements into exactly the desired ones, and never deletes a missing element or adds a
+    /// present one (either would make nft refuse the transaction).
+    #[test]
+    fn a_diff_turns_the_previous_elements_into_the_desired_ones(
+        previous in arbitrary_ruleset_with_networks(),
+        desired in arbitrary_ruleset_with_networks(),
+    ) {
+        let diff = RulesetDiff::between(&previous, &desired);
+        prop_assert_eq!(
+            apply_sorted(previous.public_addresses(), &diff.removed_addresses, &diff.added_addresses),
+            desired.public_addresses().to_vec()
+        );
+        prop_assert_eq!(
+            apply_sorted(previous.forwards(), &diff.removed_forwards, &diff.added_forwards),
+            desired.forwards().to_vec()
+        );
+        prop_assert_eq!(
+            apply_sorted(
+                &previous.masquerade_sources(),
+                &diff.removed_masquerade_sources,
+                &diff.added_masquerade_sources,
+            ),
+            desired.masquerade_sources()
+        );
+        // Per map key: after the deletions a key is absent, so each addition is a fresh key.
+        let mut keys: BTreeSet<(Protocol, u16)> = previous.forwards().iter().map(Forward::key).collect();
+        for forward in &diff.removed_forwards {
+            prop_assert!(keys.remove(&forward.key()));
+        }
+        for forward in &diff.added_forwards {
+            prop_assert!(keys.insert(forward.key()));
+        }
+        prop_assert_eq!(diff.is_empty(), previous == desired);
+        prop_assert_eq!(nft::incremental_transaction(&diff).is_none(), diff.is_empty());
+    }
+
+    /// The iptables incremental restore, replayed on the previous owned rules, gives the desired
+    /// ones (as a set: order within a chain does not matter).
+    #[test]
+    fn the_iptables_incremental_restore_reaches_the_desired_rules(
+        previous in arbitrary_ruleset_with_networks(),
+        desired in arbitrary_ruleset_with_networks(),
+    ) {
+        let mut rules: BTreeSet<String> = iptables::owned_rules(&previous).into_iter().collect();
+        match iptables::incremental_restore_input(&previous, &desired) {
+            None => prop_assert_eq!(&iptables::owned_rules(&previous), &iptables::owned_rules(&desired)),
+            Some(input) => {
+                for line in input.lines() {
+                    if let Some(spec) = line.strip_prefix("-D ") {
+                        prop_assert!(rules.remove(&format!("-A {spec}")), "deleting a missing rule: {}", line);
+                    } else if line.starts_with("-A ") {
+                        prop_assert!(rules.insert(line.to_owned()), "adding a present rule: {}", line);
+                    } else {
+                        prop_assert!(line == "*nat" || line == "COMMIT", "unexpected line {}", line);
+                    }
+                }
+                let wanted: BTreeSet<String> = iptables::owned_rules(&desired).into_iter().collect();
+                prop_assert_eq!(rules, wanted);
+            }
+        }
+    }
+}

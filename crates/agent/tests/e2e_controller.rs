@@ -1,0 +1,807 @@
+//! The whole system end to end, with the REAL controller: a real control plane of its own per
+//! test, the controller on a thread and runtime of its own, one agent per simulated server node
+//! (each node a network namespace with a public address on a segment shared with a client
+//! namespace), and the kubelet stand-in giving Pods addresses and listeners.
+//!
+//! Every file in `examples/` is applied with `kubectl apply -f`, exactly as a supplier and a
+//! customer would, and each object reaches its state with statuses written by the controller and
+//! the agents only: nothing in this file writes a status. Traffic from the client namespace to
+//! `<server-1's public address>:9000` reaches hydra's listener on its private port 8000, with both
+//! netfilter backends; and the forward keeps carrying traffic while the API server is down.
+//!
+//! ```text
+//! client (203.0.113.100, br0) ── public0 (203.0.113.10) server-1 (10.244.1.1, cbr0) ── pods
+//!                             └─ public0 (203.0.113.11) server-2 (10.244.2.1, cbr0) ── pods
+//! ```
+//!
+//! Each test owns its control plane, so the examples' fixed names (Customer `acme`, Node
+//! `server-1`, address `203.0.113.10`) are used as they are; the second server node is the Node
+//! example with its name and address substituted. Everything is removed on drop, also while a
+//! failed test unwinds: agents, the kubelet stand-in's Pod namespaces, the controller, the node
+//! and client namespaces, the homes, and the control plane's processes and files. Needs root.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use uwsgi_it_agent::metrics::Metrics;
+use uwsgi_it_agent::{Agent, AgentOptions, NetworkNamespace};
+use uwsgi_it_api::condition::{
+    self, ACCEPTED, ADMITTED, AVAILABLE, Condition, HOME_READY, PROGRAMMED, READY, RUNNING,
+};
+use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
+use uwsgi_it_domain::config::OperatorConfig;
+use uwsgi_it_testbed::control_plane::ControlPlane;
+use uwsgi_it_testbed::kubelet::{Kubelet, KubeletNode};
+use uwsgi_it_testbed::netns::{Netns, tcp_exchange, veth};
+
+/// Bound for anything the controller and the agents must do; it only matters when a test fails.
+const PATIENCE: Duration = Duration::from_secs(90);
+/// Bound for one network exchange that must succeed.
+const NET_PATIENCE: Duration = Duration::from_secs(2);
+/// The client's address on the public segment.
+const CLIENT_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+/// The node and address the examples name.
+const EXAMPLE_NODE: &str = "server-1";
+const EXAMPLE_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The second server node of these tests.
+const SECOND_NODE: &str = "server-2";
+const SECOND_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+/// The quickstart's mapping (examples/03-portmapping-hydra.yaml).
+const PUBLIC_PORT: u16 = 9000;
+const PRIVATE_PORT: u16 = 8000;
+/// The customer namespace of the examples.
+const CUSTOMER_NAMESPACE: &str = "acme";
+/// Where the controller keeps its Lease and uid store.
+const CONTROLLER_NAMESPACE: &str = "uwsgi-it-system";
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Nftables,
+    Iptables,
+}
+
+impl Backend {
+    fn config_name(self) -> &'static str {
+        match self {
+            Backend::Nftables => "nftables",
+            Backend::Iptables => "iptables",
+        }
+    }
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn example(file: &str) -> PathBuf {
+    examples_dir().join(file)
+}
+
+/// A control plane owned by one test. Its processes are spawned by a thread that lives until
+/// the plane is dropped (children get `PR_SET_PDEATHSIG` when their spawning *thread* exits);
+/// dropping it stops etcd and kube-apiserver and removes their files.
+struct OwnedPlane {
+    plane: Option<Arc<ControlPlane>>,
+    release: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OwnedPlane {
+    /// Blocking: starts etcd and kube-apiserver and waits until the API server is ready.
+    fn start() -> OwnedPlane {
+        let (started, receive) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("control-plane".into())
+            .spawn(move || match ControlPlane::start() {
+                Ok(plane) => {
+                    let plane = Arc::new(plane);
+                    let _ = started.send(Ok(plane.clone()));
+                    // Until the owner lets go (or is gone): then the plane drops here.
+                    let _ = released.recv();
+                    drop(plane);
+                }
+                Err(error) => {
+                    let _ = started.send(Err(error));
+                }
+            })
+            .expect("spawning the control-plane thread");
+        let plane = receive
+            .recv()
+            .expect("the control-plane thread reports")
+            .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
+        OwnedPlane {
+            plane: Some(plane),
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl std::ops::Deref for OwnedPlane {
+    type Target = ControlPlane;
+    fn deref(&self) -> &ControlPlane {
+        self.plane.as_ref().expect("the control plane")
+    }
+}
+
+impl Drop for OwnedPlane {
+    fn drop(&mut self) {
+        self.plane.take();
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The real controller on a thread and runtime of its own, stopped when dropped.
+struct RunningController {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningController {
+    fn start(config: kube::Config, operator: OperatorConfig) -> RunningController {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("controller".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("controller runtime");
+                runtime.block_on(async move {
+                    let client = Client::try_from(config).expect("controller client");
+                    let options = uwsgi_it_controller::Options::new(operator, CONTROLLER_NAMESPACE);
+                    let shutdown = async move {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = uwsgi_it_controller::run(client, options, shutdown).await {
+                        eprintln!("controller stopped with an error: {e:#}");
+                    }
+                });
+            })
+            .expect("spawning the controller thread");
+        RunningController {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for RunningController {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One node's agent, running in-process as a task of the test's runtime.
+struct RunningAgent {
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    metrics: Arc<Metrics>,
+    ready: watch::Receiver<bool>,
+}
+
+impl RunningAgent {
+    async fn wait_ready(&mut self) {
+        tokio::time::timeout(PATIENCE, self.ready.wait_for(|r| *r))
+            .await
+            .expect("agent ready in time")
+            .expect("agent alive");
+    }
+
+    fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A simulated server node: a network namespace with a public address.
+struct SimNode {
+    name: &'static str,
+    public: Ipv4Addr,
+    netns: Netns,
+}
+
+impl SimNode {
+    fn public(&self, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.public, port)
+    }
+}
+
+/// One test's whole system. Fields drop in declaration order after [`Drop::drop`] stopped the
+/// programs: network namespaces, homes, then the control plane last.
+struct Cluster {
+    agents: Vec<RunningAgent>,
+    kubelet: Option<Kubelet>,
+    controller: Option<RunningController>,
+    nodes: Vec<SimNode>,
+    client_netns: Arc<Netns>,
+    home: tempfile::TempDir,
+    client: Client,
+    plane: OwnedPlane,
+}
+
+impl Cluster {
+    /// A fresh control plane with the CRDs, the controller, the network topology, the server
+    /// Nodes from `examples/00-server-node.yaml` (server-1 exactly as written, server-2 with
+    /// its name and address substituted), the kubelet stand-in and one agent per node.
+    async fn start(backend: Backend, nodes: &[(&'static str, Ipv4Addr)]) -> Cluster {
+        uwsgi_it_telemetry::init_tracing("warn", false);
+        let plane = tokio::task::spawn_blocking(OwnedPlane::start)
+            .await
+            .expect("control plane");
+        plane
+            .install_crds(&uwsgi_it_api::crds())
+            .await
+            .expect("CRDs install");
+        let client = plane.client().await.expect("admin client");
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": CONTROLLER_NAMESPACE}}))
+                    .unwrap(),
+            )
+            .await
+            .expect("controller namespace");
+
+        let home = tempfile::tempdir().expect("home root");
+        let config = operator_config(&home.path().join("containers"), backend);
+        let controller = RunningController::start(
+            plane.config().await.expect("controller config"),
+            config.clone(),
+        );
+
+        let client_netns = Netns::create("client").unwrap();
+        client_netns
+            .ip(&["link", "add", "br0", "type", "bridge"])
+            .unwrap();
+        client_netns
+            .add_address("br0", &format!("{CLIENT_ADDRESS}/24"))
+            .unwrap();
+        let mut cluster = Cluster {
+            agents: Vec::new(),
+            kubelet: None,
+            controller: Some(controller),
+            nodes: Vec::new(),
+            client_netns: Arc::new(client_netns),
+            home,
+            client: client.clone(),
+            plane,
+        };
+        for (index, &(name, public)) in nodes.iter().enumerate() {
+            let netns = Netns::create("node").unwrap();
+            let peer = format!("p{}", index + 1);
+            veth(&netns, "public0", &cluster.client_netns, &peer).unwrap();
+            cluster
+                .client_netns
+                .ip(&["link", "set", &peer, "master", "br0", "up"])
+                .unwrap();
+            netns
+                .add_address("public0", &format!("{public}/24"))
+                .unwrap();
+            netns
+                .add_route(&["default", "via", &CLIENT_ADDRESS.to_string()])
+                .unwrap();
+            cluster.nodes.push(SimNode {
+                name,
+                public,
+                netns,
+            });
+            cluster.apply_server_node(name, public);
+        }
+        let kubelet_nodes = cluster
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| KubeletNode {
+                name: node.name.to_owned(),
+                netns: node.netns.name().to_owned(),
+                index: u8::try_from(index + 1).unwrap(),
+            })
+            .collect();
+        cluster.kubelet =
+            Some(Kubelet::start(client.clone(), kubelet_nodes, vec![PRIVATE_PORT]).unwrap());
+        for node in &cluster.nodes {
+            let agent = Agent::new(
+                client.clone(),
+                AgentOptions {
+                    node_name: node.name.to_owned(),
+                    config: config.clone(),
+                    netns: NetworkNamespace::Named(node.netns.name().to_owned()),
+                    container_networks: Vec::new(),
+                },
+            )
+            .expect("agent options");
+            let metrics = agent.metrics();
+            let ready = agent.ready();
+            let task = tokio::spawn(agent.run(std::future::pending()));
+            cluster.agents.push(RunningAgent {
+                task: Some(task),
+                metrics,
+                ready,
+            });
+        }
+        cluster
+    }
+
+    /// `kubectl apply -f examples/00-server-node.yaml`, adapted to this node when it is not the
+    /// example's own.
+    fn apply_server_node(&self, name: &str, address: Ipv4Addr) {
+        let path = example("00-server-node.yaml");
+        let original = std::fs::read_to_string(&path).unwrap();
+        let adapted = original
+            .replace(EXAMPLE_NODE, name)
+            .replace(&EXAMPLE_ADDRESS.to_string(), &address.to_string());
+        if adapted == original {
+            self.apply_example("00-server-node.yaml");
+        } else {
+            self.kubectl_apply_stdin(&adapted);
+        }
+    }
+
+    /// `kubectl apply -f examples/<file>`.
+    fn apply_example(&self, file: &str) {
+        let output = self
+            .plane
+            .kubectl()
+            .arg("apply")
+            .arg("-f")
+            .arg(example(file))
+            .output()
+            .expect("kubectl runs");
+        assert!(
+            output.status.success(),
+            "kubectl apply -f examples/{file} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn kubectl_apply_stdin(&self, manifest: &str) {
+        let mut child = self
+            .plane
+            .kubectl()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "kubectl apply of\n{manifest}\nfailed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let output = self.plane.kubectl().args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn home_root(&self) -> PathBuf {
+        self.home.path().join("containers")
+    }
+
+    fn kubelet(&self) -> &Kubelet {
+        self.kubelet.as_ref().unwrap()
+    }
+
+    fn customers(&self) -> Api<Customer> {
+        Api::all(self.client.clone())
+    }
+
+    fn containers(&self) -> Api<Container> {
+        Api::namespaced(self.client.clone(), CUSTOMER_NAMESPACE)
+    }
+
+    fn mappings(&self) -> Api<PortMapping> {
+        Api::namespaced(self.client.clone(), CUSTOMER_NAMESPACE)
+    }
+
+    fn distros(&self) -> Api<CustomDistro> {
+        Api::namespaced(self.client.clone(), CUSTOMER_NAMESPACE)
+    }
+
+    async fn wait_agents_ready(&mut self) {
+        for agent in &mut self.agents {
+            agent.wait_ready().await;
+        }
+    }
+
+    /// Customer `acme` (examples/01) applied and Ready: its namespace exists for what follows.
+    async fn customer_ready(&self) -> Customer {
+        self.apply_example("01-customer.yaml");
+        wait_for(&self.customers(), "acme", "Customer Ready", |c| {
+            has(c, READY, "True")
+        })
+        .await
+    }
+
+    /// Containers `hydra` (examples/02) and mapping `hydra-web` (examples/03) applied, admitted,
+    /// running, programmed. Returns hydra's Pod address.
+    async fn quickstart(&self) -> Ipv4Addr {
+        self.apply_example("02-container-hydra.yaml");
+        let hydra = wait_for(
+            &self.containers(),
+            "hydra",
+            "hydra Admitted, HomeReady and Running",
+            |c| has(c, ADMITTED, "True") && has(c, HOME_READY, "True") && has(c, RUNNING, "True"),
+        )
+        .await;
+        let pod = self
+            .kubelet()
+            .pod_address(CUSTOMER_NAMESPACE, "hydra")
+            .expect("the kubelet stand-in runs hydra's Pod");
+        let status = hydra.status.unwrap();
+        assert_eq!(status.ip, Some(pod.to_string()), "hydra's status.ip");
+        self.apply_example("03-portmapping-hydra.yaml");
+        let mapping = wait_for(
+            &self.mappings(),
+            "hydra-web",
+            "hydra-web Accepted and Programmed",
+            |m| has(m, ACCEPTED, "True") && has(m, PROGRAMMED, "True"),
+        )
+        .await;
+        let status = mapping.status.unwrap();
+        assert_eq!(
+            status.target,
+            Some(SocketAddrV4::new(pod, PRIVATE_PORT).to_string())
+        );
+        assert_eq!(status.server.as_deref(), Some(EXAMPLE_NODE));
+        assert_eq!(status.address, Some(EXAMPLE_ADDRESS.to_string()));
+        pod
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Programs first (agents never touch rules or homes when stopped), then the Pods'
+        // namespaces (their veths hang off the nodes); the fields follow.
+        self.agents.clear();
+        self.kubelet.take();
+        self.controller.take();
+    }
+}
+
+fn operator_config(home_root: &Path, backend: Backend) -> OperatorConfig {
+    OperatorConfig::from_yaml(&format!(
+        "homeRoot: {}
+distros:
+  bookworm: docker.io/library/debian:bookworm-slim
+reservedPorts: ['30000-32767', '10250']
+portForward:
+  backend: {}
+  resyncPeriod: 1s
+",
+        home_root.display(),
+        backend.config_name()
+    ))
+    .expect("test configuration")
+}
+
+/// The object's condition `type_`, read from its JSON so it works for every kind.
+fn condition_of<K: Serialize>(object: &K, type_: &str) -> Option<Condition> {
+    let value = serde_json::to_value(object).ok()?;
+    let conditions: Vec<Condition> =
+        serde_json::from_value(value["status"]["conditions"].clone()).ok()?;
+    condition::find(&conditions, type_).cloned()
+}
+
+fn has<K: Serialize>(object: &K, type_: &str, status: &str) -> bool {
+    condition_of(object, type_).is_some_and(|c| c.status == status)
+}
+
+/// Polls `name` until `check` holds; fails the test after [`PATIENCE`] showing the object.
+async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool) -> K
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let current = api.get_opt(name).await;
+        if let Ok(Some(object)) = &current
+            && check(object)
+        {
+            return object.clone();
+        }
+        if Instant::now() > deadline {
+            let shown = match current {
+                Ok(Some(object)) => serde_json::to_string_pretty(&object).unwrap_or_default(),
+                other => format!("{other:?}"),
+            };
+            panic!("timed out after {PATIENCE:?} waiting for {what}; {name} is:\n{shown}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One request/reply from the client namespace, on a blocking thread.
+async fn exchange(
+    client: &Arc<Netns>,
+    to: SocketAddrV4,
+    message: &str,
+    timeout: Duration,
+) -> std::io::Result<String> {
+    let client = client.clone();
+    let message = message.to_owned();
+    tokio::task::spawn_blocking(move || tcp_exchange(&client, to, &message, timeout))
+        .await
+        .expect("exchange thread")
+}
+
+async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
+    let mut cluster = Cluster::start(
+        backend,
+        &[
+            (EXAMPLE_NODE, EXAMPLE_ADDRESS),
+            (SECOND_NODE, SECOND_ADDRESS),
+        ],
+    )
+    .await;
+
+    // 00: both server Nodes carry the example's label and capacity (checked by kubectl).
+    let servers = cluster.kubectl(&[
+        "get",
+        "nodes",
+        "-l",
+        "uwsgi.it/server=true",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.metadata.annotations.uwsgi\\.it/address} {end}",
+    ]);
+    assert_eq!(
+        servers.trim(),
+        format!("{EXAMPLE_NODE}={EXAMPLE_ADDRESS} {SECOND_NODE}={SECOND_ADDRESS}")
+    );
+
+    // 01: the Customer, its namespace.
+    let acme = cluster.customer_ready().await;
+    assert_eq!(
+        acme.status.unwrap().namespace.as_deref(),
+        Some(CUSTOMER_NAMESPACE)
+    );
+
+    // 02 + 03: hydra runs on server-1 and its public port 9000 is programmed.
+    let pod = cluster.quickstart().await;
+    let hydra = cluster.containers().get("hydra").await.unwrap();
+    let status = hydra.status.clone().unwrap();
+    let uid = status.uid.expect("hydra's uid");
+    assert!(uid >= 30001, "uid {uid}");
+    assert_eq!(status.server.as_deref(), Some(EXAMPLE_NODE));
+    assert_eq!(status.address, Some(EXAMPLE_ADDRESS.to_string()));
+    let hydra_home = cluster.home_root().join(uid.to_string());
+    assert_eq!(status.home, Some(hydra_home.display().to_string()));
+    let keys = std::fs::read_to_string(hydra_home.join(".ssh/authorized_keys"))
+        .expect("hydra's authorized_keys written by the agent");
+    assert!(keys.contains("alice@example"), "{keys}");
+
+    // The real exchange: the client reaches hydra's listener on 8000 through 203.0.113.10:9000,
+    // with its own address preserved (no masquerade for outside clients).
+    let reply = exchange(
+        &cluster.client_netns,
+        cluster.nodes[0].public(PUBLIC_PORT),
+        "hello hydra",
+        NET_PATIENCE,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("tcp to {EXAMPLE_ADDRESS}:{PUBLIC_PORT} (pod {pod}): {e}"));
+    assert_eq!(reply, format!("hello hydra from {CLIENT_ADDRESS}"));
+    // server-2 does not forward server-1's port.
+    assert!(
+        exchange(
+            &cluster.client_netns,
+            cluster.nodes[1].public(PUBLIC_PORT),
+            "wrong node",
+            Duration::from_millis(500),
+        )
+        .await
+        .is_err()
+    );
+    cluster.wait_agents_ready().await;
+    assert_eq!(cluster.agents[0].metrics.forwards_programmed(), 1);
+    assert_eq!(cluster.agents[1].metrics.forwards_programmed(), 0);
+
+    // 04: the storage container gets a home with distros/, the CustomDistro is accepted but not
+    // available until the customer uploads the distribution.
+    cluster.apply_example("04-custom-distro-storage.yaml");
+    let store = wait_for(
+        &cluster.containers(),
+        "distro-store",
+        "distro-store Admitted and HomeReady",
+        |c| has(c, ADMITTED, "True") && has(c, HOME_READY, "True"),
+    )
+    .await;
+    assert!(
+        condition_of(&store, RUNNING).is_none(),
+        "a container without a distro has no workload"
+    );
+    let distro = wait_for(
+        &cluster.distros(),
+        "ubuntu0001",
+        "ubuntu0001 Accepted, Available=False",
+        |d| has(d, ACCEPTED, "True") && has(d, AVAILABLE, "False"),
+    )
+    .await;
+    assert_eq!(
+        condition_of(&distro, AVAILABLE).unwrap().reason,
+        "Missing",
+        "{distro:?}"
+    );
+    let store_uid = store.status.unwrap().uid.expect("distro-store's uid");
+    let distros = cluster
+        .home_root()
+        .join(store_uid.to_string())
+        .join("distros");
+    assert!(distros.is_dir(), "{} made by the agent", distros.display());
+    // What the customer does through the storage container: upload the root filesystem.
+    let upload = distros.join("ubuntu0001");
+    std::fs::create_dir(&upload).unwrap();
+    let owner = u32::try_from(store_uid).unwrap();
+    std::os::unix::fs::chown(&upload, Some(owner), Some(owner)).unwrap();
+    let distro = wait_for(
+        &cluster.distros(),
+        "ubuntu0001",
+        "ubuntu0001 Available",
+        |d| has(d, ACCEPTED, "True") && has(d, AVAILABLE, "True"),
+    )
+    .await;
+    assert_eq!(
+        distro.status.unwrap().host_path,
+        Some(upload.display().to_string())
+    );
+
+    // 05: a container running on the custom distro.
+    cluster.apply_example("05-container-custom-distro.yaml");
+    wait_for(
+        &cluster.containers(),
+        "legacy-app",
+        "legacy-app Admitted, HomeReady and Running",
+        |c| has(c, ADMITTED, "True") && has(c, HOME_READY, "True") && has(c, RUNNING, "True"),
+    )
+    .await;
+    assert!(
+        cluster
+            .kubelet()
+            .pod_address(CUSTOMER_NAMESPACE, "legacy-app")
+            .is_some()
+    );
+    wait_for(
+        &cluster.distros(),
+        "ubuntu0001",
+        "ubuntu0001 used by legacy-app",
+        |d| d.status.as_ref().is_some_and(|s| s.used_by == 1),
+    )
+    .await;
+
+    // What a person sees.
+    let listing = cluster.kubectl(&["get", "uwsgi", "-A"]);
+    for name in [
+        "acme",
+        "hydra",
+        "distro-store",
+        "legacy-app",
+        "hydra-web",
+        "ubuntu0001",
+    ] {
+        assert!(listing.contains(name), "{name} missing from:\n{listing}");
+    }
+    // Still forwarding after everything else was applied.
+    let reply = exchange(
+        &cluster.client_netns,
+        cluster.nodes[0].public(PUBLIC_PORT),
+        "again",
+        NET_PATIENCE,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply, format!("again from {CLIENT_ADDRESS}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_reaches_its_state_and_traffic_flows_nftables() {
+    every_example_reaches_its_state_and_traffic_flows(Backend::Nftables).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_reaches_its_state_and_traffic_flows_iptables() {
+    every_example_reaches_its_state_and_traffic_flows(Backend::Iptables).await;
+}
+
+/// How long the API server stays down while the forward is probed: several resync periods.
+const OUTAGE: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forward_keeps_carrying_traffic_while_the_api_server_is_down() {
+    let mut cluster = Cluster::start(Backend::Nftables, &[(EXAMPLE_NODE, EXAMPLE_ADDRESS)]).await;
+    cluster.customer_ready().await;
+    cluster.quickstart().await;
+    cluster.wait_agents_ready().await;
+    let public = cluster.nodes[0].public(PUBLIC_PORT);
+    let reply = exchange(&cluster.client_netns, public, "before", NET_PATIENCE)
+        .await
+        .unwrap();
+    assert_eq!(reply, format!("before from {CLIENT_ADDRESS}"));
+    let node = &cluster.nodes[0];
+    let rules_before = node
+        .netns
+        .run("nft", &["list", "table", "ip", "uwsgi_it"])
+        .unwrap();
+    assert!(
+        rules_before.contains(&format!("{PUBLIC_PORT}")),
+        "{rules_before}"
+    );
+    let failures_before = cluster.agents[0].metrics.sync_failures();
+
+    cluster.plane.stop();
+    assert!(
+        cluster.customers().get("acme").await.is_err(),
+        "the API server is still answering"
+    );
+
+    // A fresh connection every 100 ms for the whole outage; every one must get through.
+    let client = cluster.client_netns.clone();
+    let probes = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + OUTAGE;
+        let mut probes = 0u32;
+        while Instant::now() < until {
+            let message = format!("probe {probes}");
+            let reply = tcp_exchange(&client, public, &message, NET_PATIENCE)
+                .unwrap_or_else(|e| panic!("{message} during the outage: {e}"));
+            assert_eq!(reply, format!("{message} from {CLIENT_ADDRESS}"));
+            probes += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        probes
+    })
+    .await
+    .expect("probes");
+    assert!(probes >= 20, "only {probes} probes ran");
+
+    // The agent neither flushed nor rewrote anything into something else, and is still there.
+    let rules_after = node
+        .netns
+        .run("nft", &["list", "table", "ip", "uwsgi_it"])
+        .unwrap();
+    assert_eq!(rules_before, rules_after);
+    assert_eq!(cluster.agents[0].metrics.forwards_programmed(), 1);
+    assert_eq!(cluster.agents[0].metrics.sync_failures(), failures_before);
+    assert!(
+        cluster.agents[0].is_running(),
+        "the agent gave up during the outage"
+    );
+}
