@@ -398,22 +398,38 @@ impl Controllers {
         let containers = self
             .containers
             .with_config(config.clone())
-            .run(container::reconcile, error_policy, Arc::clone(&ctx))
+            .run(
+                |o, c| tracked(o, c, container::reconcile),
+                error_policy,
+                Arc::clone(&ctx),
+            )
             .for_each(|_| futures::future::ready(()));
         let mappings = self
             .mappings
             .with_config(config.clone())
-            .run(port_mapping::reconcile, error_policy, Arc::clone(&ctx))
+            .run(
+                |o, c| tracked(o, c, port_mapping::reconcile),
+                error_policy,
+                Arc::clone(&ctx),
+            )
             .for_each(|_| futures::future::ready(()));
         let distros = self
             .distros
             .with_config(config.clone())
-            .run(custom_distro::reconcile, error_policy, Arc::clone(&ctx))
+            .run(
+                |o, c| tracked(o, c, custom_distro::reconcile),
+                error_policy,
+                Arc::clone(&ctx),
+            )
             .for_each(|_| futures::future::ready(()));
         let customers = self
             .customers
             .with_config(config)
-            .run(customer::reconcile, error_policy, Arc::clone(&ctx))
+            .run(
+                |o, c| tracked(o, c, customer::reconcile),
+                error_policy,
+                Arc::clone(&ctx),
+            )
             .for_each(|_| futures::future::ready(()));
         tokio::join!(containers, mappings, distros, customers, self.nodes);
     }
@@ -436,16 +452,54 @@ where
     }
 }
 
-fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!(
-        "{}/{}",
+/// The key of an object in the backoff table: kind, namespace and name.
+fn backoff_key<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
         object.namespace().unwrap_or_default(),
         object.name_any()
-    );
-    warn!(object = %key, %error, "reconciliation failed; retrying with backoff");
-    ctx.metrics.reconcile_failed("any");
-    ctx.backoff(&key)
+    )
 }
 
-/// A short pause used where the API server needs a moment (kept for symmetry with requeues).
-pub const SHORT_REQUEUE: Duration = Duration::from_secs(2);
+/// The `controller` label of a kind in the metrics.
+fn controller_label<K: kube::Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Container" => "container",
+        "PortMapping" => "portmapping",
+        "CustomDistro" => "customdistro",
+        "Customer" => "customer",
+        _ => "other",
+    }
+}
+
+/// Runs a reconciliation and forgets the object's past failures when it succeeds, so the
+/// next failure starts again from the shortest backoff.
+async fn tracked<K, F, Fut>(
+    object: Arc<K>,
+    ctx: Arc<Context>,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: kube::Resource<DynamicType = ()>,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let key = backoff_key(object.as_ref());
+    let result = reconcile(object, Arc::clone(&ctx)).await;
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+fn error_policy<K: kube::Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = backoff_key(object.as_ref());
+    warn!(object = %key, %error, "reconciliation failed; retrying with backoff");
+    ctx.metrics.reconcile_failed(controller_label::<K>());
+    ctx.backoff(&key)
+}
