@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -44,21 +44,9 @@ fn non_default_values() -> PathBuf {
     chart_dir().join("ci/non-default-values.yaml")
 }
 
-/// The helm binary: `UWSGI_IT_HELM`, else whatever `hack/helm.sh` builds or finds in its cache.
-fn helm_binary() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        if let Some(path) = std::env::var_os("UWSGI_IT_HELM") {
-            return PathBuf::from(path);
-        }
-        let out = Command::new("bash")
-            .arg(repo_path("hack/helm.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running hack/helm.sh");
-        assert!(out.status.success(), "hack/helm.sh failed: {}", out.status);
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+/// The helm binary (`hack/helm.sh`'s, or `UWSGI_IT_HELM`).
+fn helm_binary() -> PathBuf {
+    uwsgi_it_testbed::chart::helm().expect("helm")
 }
 
 fn helm(args: &[&str]) -> Output {

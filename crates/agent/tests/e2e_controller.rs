@@ -24,7 +24,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -42,7 +42,7 @@ use uwsgi_it_api::condition::{
 };
 use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
 use uwsgi_it_domain::config::OperatorConfig;
-use uwsgi_it_testbed::control_plane::ControlPlane;
+use uwsgi_it_testbed::control_plane::OwnedControlPlane;
 use uwsgi_it_testbed::kubelet::{Kubelet, KubeletNode};
 use uwsgi_it_testbed::netns::{Netns, tcp_exchange, veth};
 
@@ -87,64 +87,6 @@ fn examples_dir() -> PathBuf {
 
 fn example(file: &str) -> PathBuf {
     examples_dir().join(file)
-}
-
-/// A control plane owned by one test. Its processes are spawned by a thread that lives until
-/// the plane is dropped (children get `PR_SET_PDEATHSIG` when their spawning *thread* exits);
-/// dropping it stops etcd and kube-apiserver and removes their files.
-struct OwnedPlane {
-    plane: Option<Arc<ControlPlane>>,
-    release: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl OwnedPlane {
-    /// Blocking: starts etcd and kube-apiserver and waits until the API server is ready.
-    fn start() -> OwnedPlane {
-        let (started, receive) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("control-plane".into())
-            .spawn(move || match ControlPlane::start() {
-                Ok(plane) => {
-                    let plane = Arc::new(plane);
-                    let _ = started.send(Ok(plane.clone()));
-                    // Until the owner lets go (or is gone): then the plane drops here.
-                    let _ = released.recv();
-                    drop(plane);
-                }
-                Err(error) => {
-                    let _ = started.send(Err(error));
-                }
-            })
-            .expect("spawning the control-plane thread");
-        let plane = receive
-            .recv()
-            .expect("the control-plane thread reports")
-            .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
-        OwnedPlane {
-            plane: Some(plane),
-            release: Some(release),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl std::ops::Deref for OwnedPlane {
-    type Target = ControlPlane;
-    fn deref(&self) -> &ControlPlane {
-        self.plane.as_ref().expect("the control plane")
-    }
-}
-
-impl Drop for OwnedPlane {
-    fn drop(&mut self) {
-        self.plane.take();
-        self.release.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// The real controller on a thread and runtime of its own, stopped when dropped.
@@ -241,7 +183,7 @@ struct Cluster {
     client_netns: Arc<Netns>,
     home: tempfile::TempDir,
     client: Client,
-    plane: OwnedPlane,
+    plane: OwnedControlPlane,
 }
 
 impl Cluster {
@@ -250,9 +192,10 @@ impl Cluster {
     /// its name and address substituted), the kubelet stand-in and one agent per node.
     async fn start(backend: Backend, nodes: &[(&'static str, Ipv4Addr)]) -> Cluster {
         uwsgi_it_telemetry::init_tracing("warn", false);
-        let plane = tokio::task::spawn_blocking(OwnedPlane::start)
+        let plane = tokio::task::spawn_blocking(OwnedControlPlane::start)
             .await
-            .expect("control plane");
+            .expect("control-plane thread")
+            .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
         plane
             .install_crds(&uwsgi_it_api::crds())
             .await

@@ -21,8 +21,8 @@ mod netns;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::{Arc, mpsc};
+use std::process::ExitCode;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use uwsgi_it_api::condition::{self, Condition};
 use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
 use uwsgi_it_domain::config::OperatorConfig;
-use uwsgi_it_testbed::control_plane::ControlPlane;
+use uwsgi_it_testbed::control_plane::{ControlPlane, OwnedControlPlane};
 use uwsgi_it_testbed::kubelet::{Kubelet, KubeletNode};
 
 use crate::netns::NamedNetns;
@@ -71,12 +71,6 @@ fn say(message: impl std::fmt::Display) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "[local] {message}");
     let _ = out.flush();
-}
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(relative)
 }
 
 fn main() -> ExitCode {
@@ -153,58 +147,6 @@ fn remove_stale_work_dirs() {
     }
 }
 
-/// A control plane whose processes are spawned by a thread that lives until it is dropped
-/// (children get `PR_SET_PDEATHSIG` when their spawning *thread* exits).
-struct OwnedPlane {
-    plane: Option<Arc<ControlPlane>>,
-    release: Option<mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl OwnedPlane {
-    /// Blocking: starts etcd and kube-apiserver and waits until the API server is ready.
-    fn start() -> Result<OwnedPlane> {
-        let (started, receive) = mpsc::channel();
-        let (release, released) = mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("control-plane".into())
-            .spawn(move || match ControlPlane::start() {
-                Ok(plane) => {
-                    let plane = Arc::new(plane);
-                    let _ = started.send(Ok(plane.clone()));
-                    let _ = released.recv();
-                    drop(plane);
-                }
-                Err(error) => {
-                    let _ = started.send(Err(error));
-                }
-            })?;
-        let plane = receive.recv().context("the control-plane thread ended")??;
-        Ok(OwnedPlane {
-            plane: Some(plane),
-            release: Some(release),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl std::ops::Deref for OwnedPlane {
-    type Target = ControlPlane;
-    fn deref(&self) -> &ControlPlane {
-        self.plane.as_ref().expect("the control plane")
-    }
-}
-
-impl Drop for OwnedPlane {
-    fn drop(&mut self) {
-        self.plane.take();
-        self.release.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// The controller or an agent, running as a task.
 struct Program {
     name: String,
@@ -260,7 +202,7 @@ struct Local {
     kubelet: Option<Kubelet>,
     /// Nodes first, the client last (the nodes' veths end in the client's bridge).
     namespaces: Vec<NamedNetns>,
-    plane: Option<OwnedPlane>,
+    plane: Option<OwnedControlPlane>,
     work_dir: PathBuf,
 }
 
@@ -290,7 +232,7 @@ impl Local {
 
     async fn start(&mut self, started: Instant) -> Result<()> {
         say("starting etcd and kube-apiserver (built by hack/control-plane.sh, cached)");
-        let plane = tokio::task::spawn_blocking(OwnedPlane::start).await??;
+        let plane = tokio::task::spawn_blocking(OwnedControlPlane::start).await??;
         say(format!("API server ready at {}", plane.server_url()));
         self.plane = Some(plane);
         let admin = self.plane().client().await?;
@@ -447,51 +389,10 @@ portForward:
 
     /// The chart's ServiceAccounts and RBAC (`helm template`, hack/helm.sh's helm), applied.
     fn apply_chart_rbac(&self) -> Result<()> {
-        let helm = match std::env::var_os("UWSGI_IT_HELM") {
-            Some(helm) => PathBuf::from(helm),
-            None => {
-                say("locating helm (hack/helm.sh; the first run builds it)");
-                let output = Command::new("bash")
-                    .arg(repo_path("hack/helm.sh"))
-                    .stderr(Stdio::inherit())
-                    .output()
-                    .context("running hack/helm.sh")?;
-                if !output.status.success() {
-                    bail!("hack/helm.sh failed with {}", output.status);
-                }
-                PathBuf::from(String::from_utf8(output.stdout)?.trim())
-            }
-        };
-        let mut command = Command::new(&helm);
-        command.args([
-            "template",
-            RELEASE,
-            repo_path("charts/uwsgi-it-operator")
-                .to_str()
-                .context("chart path")?,
-            "--namespace",
-            SYSTEM_NAMESPACE,
-        ]);
-        for template in [
-            "serviceaccounts",
-            "rbac-controller",
-            "rbac-agent",
-            "rbac-customer",
-            "rbac-supplier",
-        ] {
-            command.args(["--show-only", &format!("templates/{template}.yaml")]);
-        }
-        let output = command
-            .output()
-            .with_context(|| format!("running {}", helm.display()))?;
-        if !output.status.success() {
-            bail!(
-                "helm template failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        say("rendering the chart's RBAC (hack/helm.sh builds helm on the first run)");
+        let rbac = uwsgi_it_testbed::chart::render_rbac(RELEASE, SYSTEM_NAMESPACE)?;
         let path = self.work_dir.join("rbac.yaml");
-        std::fs::write(&path, &output.stdout)?;
+        std::fs::write(&path, rbac)?;
         say(format!(
             "applying the chart's ServiceAccounts and RBAC ({})",
             path.display()
@@ -576,9 +477,11 @@ portForward:
 
     /// examples/00-server-node.yaml for one of [`NODES`], written into the work directory.
     fn adapt_node(&self, name: &str, address: Ipv4Addr) -> Result<PathBuf> {
-        let text = std::fs::read_to_string(repo_path("examples/00-server-node.yaml"))?
-            .replace(EXAMPLE_NODE, name)
-            .replace(EXAMPLE_ADDRESS, &address.to_string());
+        let text = std::fs::read_to_string(uwsgi_it_testbed::chart::repo_path(
+            "examples/00-server-node.yaml",
+        ))?
+        .replace(EXAMPLE_NODE, name)
+        .replace(EXAMPLE_ADDRESS, &address.to_string());
         let path = self
             .work_dir
             .join("examples")
@@ -591,7 +494,7 @@ portForward:
     /// Every other example, with the example's address replaced by server-1's, applied in order,
     /// each waited for until it reaches its state.
     async fn apply_examples(&self, admin: &Client) -> Result<()> {
-        let dir = repo_path("examples");
+        let dir = uwsgi_it_testbed::chart::repo_path("examples");
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .flatten()

@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -290,6 +290,63 @@ impl ControlPlane {
             let _ = child.wait();
         }
         children.clear();
+    }
+}
+
+/// A control plane owned by one caller (a test, the local run) rather than by the whole test
+/// binary. Its processes are spawned by a thread that lives until this is dropped — children
+/// get `PR_SET_PDEATHSIG` when their spawning *thread* exits — and dropping it stops etcd and
+/// kube-apiserver and removes their files.
+pub struct OwnedControlPlane {
+    plane: Option<Arc<ControlPlane>>,
+    release: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OwnedControlPlane {
+    /// Blocking: starts etcd and kube-apiserver and waits until the API server is ready.
+    pub fn start() -> Result<Self> {
+        let (started, receive) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("control-plane".into())
+            .spawn(move || match ControlPlane::start() {
+                Ok(plane) => {
+                    let plane = Arc::new(plane);
+                    let _ = started.send(Ok(plane.clone()));
+                    // Until the owner lets go (or is gone); then the plane drops here.
+                    let _ = released.recv();
+                    drop(plane);
+                }
+                Err(error) => {
+                    let _ = started.send(Err(error));
+                }
+            })?;
+        let plane = receive.recv().context("the control-plane thread ended")??;
+        Ok(OwnedControlPlane {
+            plane: Some(plane),
+            release: Some(release),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl std::ops::Deref for OwnedControlPlane {
+    type Target = ControlPlane;
+    fn deref(&self) -> &ControlPlane {
+        self.plane
+            .as_ref()
+            .expect("the control plane lives until drop")
+    }
+}
+
+impl Drop for OwnedControlPlane {
+    fn drop(&mut self) {
+        self.plane.take();
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test support: used by the tests, the local-run command and the benchmarks, never by the
 //! programs themselves.
 
+pub mod chart;
 pub mod control_plane;
 pub mod kubelet;
 pub mod netns;

@@ -7,9 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+
+use std::process::Stdio;
+
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -44,29 +44,6 @@ pub fn controller_service_account() -> String {
     format!("{RELEASE}-controller")
 }
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(relative)
-}
-
-/// The helm binary: `UWSGI_IT_HELM`, else whatever `hack/helm.sh` builds or finds in its cache.
-fn helm_binary() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        if let Some(path) = std::env::var_os("UWSGI_IT_HELM") {
-            return PathBuf::from(path);
-        }
-        let out = Command::new("bash")
-            .arg(repo_path("hack/helm.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running hack/helm.sh");
-        assert!(out.status.success(), "hack/helm.sh failed: {}", out.status);
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
-
 /// Kinds of the chart's objects that make up its RBAC.
 const RBAC_KINDS: [&str; 5] = [
     "ServiceAccount",
@@ -80,19 +57,8 @@ const RBAC_KINDS: [&str; 5] = [
 /// RBAC objects (ServiceAccounts, ClusterRoles — the customer role included —, ClusterRoleBindings,
 /// Roles, RoleBindings) with `kubectl apply --server-side`. Nothing else of the chart is applied.
 pub fn apply_chart_rbac(plane: &ControlPlane, namespace: &str) {
-    let chart = repo_path("charts/uwsgi-it-operator");
-    let out = Command::new(helm_binary())
-        .args(["template", RELEASE])
-        .arg(&chart)
-        .args(["--namespace", namespace])
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8(out.stdout).expect("helm output is UTF-8");
+    let yaml =
+        uwsgi_it_testbed::chart::render_rbac(RELEASE, namespace).expect("the chart's RBAC renders");
     let documents: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(&yaml).expect("helm template output is YAML");
     let items: Vec<serde_json::Value> = documents
