@@ -186,6 +186,28 @@ struct Cluster {
     plane: OwnedControlPlane,
 }
 
+/// Release name the chart's RBAC is rendered with.
+const RELEASE: &str = "uwsgi-it";
+
+/// A client with a token of the chart's `<release>-<program>` ServiceAccount, returned once its
+/// RBAC reaches the authorizer (it can list Containers cluster-wide).
+async fn service_account_client(plane: &OwnedControlPlane, program: &str) -> Client {
+    let client = plane
+        .service_account_client(CONTROLLER_NAMESPACE, &format!("{RELEASE}-{program}"))
+        .await
+        .expect("ServiceAccount token");
+    let containers: Api<uwsgi_it_api::Container> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Err(error) = containers.list(&Default::default()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{program} ServiceAccount still cannot list Containers: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+}
+
 impl Cluster {
     /// A fresh control plane with the CRDs, the controller, the network topology, the server
     /// Nodes from `examples/00-server-node.yaml` (server-1 exactly as written, server-2 with
@@ -209,11 +231,21 @@ impl Cluster {
             )
             .await
             .expect("controller namespace");
+        // The controller and the agents run with real tokens of the chart's ServiceAccounts,
+        // so everything below also proves the chart's RBAC is enough for their whole job.
+        let rbac = uwsgi_it_testbed::chart::render_rbac(RELEASE, CONTROLLER_NAMESPACE)
+            .expect("the chart's RBAC renders");
+        plane.apply_yaml(&rbac).expect("the chart's RBAC applies");
+        let agent_client = service_account_client(&plane, "agent").await;
 
         let home = tempfile::tempdir().expect("home root");
         let config = operator_config(&home.path().join("containers"), backend);
+        service_account_client(&plane, "controller").await;
         let controller = RunningController::start(
-            plane.config().await.expect("controller config"),
+            plane
+                .service_account_config(CONTROLLER_NAMESPACE, &format!("{RELEASE}-controller"))
+                .await
+                .expect("controller config"),
             config.clone(),
         );
 
@@ -269,7 +301,7 @@ impl Cluster {
             Some(Kubelet::start(client.clone(), kubelet_nodes, vec![PRIVATE_PORT]).unwrap());
         for node in &cluster.nodes {
             let agent = Agent::new(
-                client.clone(),
+                agent_client.clone(),
                 AgentOptions {
                     node_name: node.name.to_owned(),
                     config: config.clone(),

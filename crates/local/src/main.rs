@@ -400,21 +400,15 @@ portForward:
         self.kubectl_apply(&path)
     }
 
-    /// A client acting as the chart's ServiceAccount `<release>-<program>`, once RBAC lets it
-    /// list what it watches (bindings reach the authorizer a moment after they are stored).
+    /// A client with a real token of the chart's ServiceAccount `<release>-<program>`, once
+    /// RBAC lets it list what it watches (bindings reach the authorizer a moment after they are
+    /// stored).
     async fn service_account_client(&self, program: &str) -> Result<Client> {
-        let user = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:{RELEASE}-{program}");
-        let namespace_group = format!("system:serviceaccounts:{SYSTEM_NAMESPACE}");
+        let account = format!("{RELEASE}-{program}");
+        let user = format!("system:serviceaccount:{SYSTEM_NAMESPACE}:{account}");
         let client = self
             .plane()
-            .client_as(
-                &user,
-                &[
-                    "system:serviceaccounts",
-                    &namespace_group,
-                    "system:authenticated",
-                ],
-            )
+            .service_account_client(SYSTEM_NAMESPACE, &account)
             .await?;
         let containers: Api<Container> = Api::all(client.clone());
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use k8s_openapi::api::core::v1::Namespace;
+use base64::Engine;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -39,6 +41,7 @@ pub struct ControlPlane {
     server: String,
     kubeconfig: PathBuf,
     kubeconfig_yaml: String,
+    ca_pem: String,
     children: Mutex<Vec<Child>>,
 }
 
@@ -79,6 +82,7 @@ impl ControlPlane {
             server: String::new(),
             kubeconfig: dir.join("kubeconfig"),
             kubeconfig_yaml: String::new(),
+            ca_pem: String::new(),
             children: Mutex::new(Vec::new()),
         };
         plane.boot()?;
@@ -138,6 +142,7 @@ impl ControlPlane {
         self.children.lock().expect("children lock").push(apiserver);
 
         self.kubeconfig_yaml = pki.kubeconfig(&self.server);
+        self.ca_pem = pki.ca_pem.clone();
         std::fs::write(&self.kubeconfig, &self.kubeconfig_yaml)?;
         self.wait_ready()
     }
@@ -229,6 +234,89 @@ impl ControlPlane {
         config.auth_info.impersonate = Some(user.to_string());
         config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
         Ok(Client::try_from(config)?)
+    }
+
+    /// A client authenticated with a real token of ServiceAccount `namespace/name` (TokenRequest
+    /// API), exactly as a Pod running under that account would be: requests are authorized by
+    /// the account's RBAC alone.
+    pub async fn service_account_client(&self, namespace: &str, name: &str) -> Result<Client> {
+        Ok(Client::try_from(
+            self.service_account_config(namespace, name).await?,
+        )?)
+    }
+
+    /// The configuration behind [`ControlPlane::service_account_client`], for callers that
+    /// build their client on a runtime of their own.
+    pub async fn service_account_config(&self, namespace: &str, name: &str) -> Result<Config> {
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                expiration_seconds: Some(24 * 3600),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        let token = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token for ServiceAccount {namespace}/{name}"))?
+            .status
+            .context("TokenRequest without a status")?
+            .token;
+        let yaml = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster:
+    server: {server}
+    certificate-authority-data: {ca}
+users:
+- name: {name}
+  user:
+    token: {token}
+contexts:
+- name: testbed
+  context:
+    cluster: testbed
+    user: {name}
+    namespace: {namespace}
+current-context: testbed
+",
+            server = self.server,
+            ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem),
+        );
+        Ok(Config::from_custom_kubeconfig(
+            Kubeconfig::from_yaml(&yaml)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?)
+    }
+
+    /// `kubectl apply --server-side` of a YAML text (one or more documents).
+    pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
+        use std::io::Write;
+        let mut kubectl = self
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        kubectl
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let out = kubectl.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// `kubectl` preconfigured with the admin kubeconfig.
@@ -485,7 +573,6 @@ impl Pki {
     }
 
     fn kubeconfig(&self, server: &str) -> String {
-        use base64::Engine;
         let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
         format!(
             "apiVersion: v1

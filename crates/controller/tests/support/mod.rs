@@ -6,9 +6,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Write;
-
-use std::process::Stdio;
 
 use std::time::{Duration, Instant};
 
@@ -44,33 +41,15 @@ pub fn controller_service_account() -> String {
     format!("{RELEASE}-controller")
 }
 
-/// Kinds of the chart's objects that make up its RBAC.
-const RBAC_KINDS: [&str; 5] = [
-    "ServiceAccount",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "Role",
-    "RoleBinding",
-];
-
-/// Renders the chart with `helm template` for release namespace `namespace` and applies its
-/// RBAC objects (ServiceAccounts, ClusterRoles — the customer role included —, ClusterRoleBindings,
-/// Roles, RoleBindings) with `kubectl apply --server-side`. Nothing else of the chart is applied.
+/// Renders the chart's ServiceAccounts and RBAC (the customer role included) for release
+/// namespace `namespace` and applies them; nothing else of the chart is applied.
 pub fn apply_chart_rbac(plane: &ControlPlane, namespace: &str) {
     let yaml =
         uwsgi_it_testbed::chart::render_rbac(RELEASE, namespace).expect("the chart's RBAC renders");
     let documents: Vec<serde_json::Value> =
         serde_saphyr::from_multiple(&yaml).expect("helm template output is YAML");
-    let items: Vec<serde_json::Value> = documents
-        .into_iter()
-        .filter(|d| {
-            d["kind"]
-                .as_str()
-                .is_some_and(|kind| RBAC_KINDS.contains(&kind))
-        })
-        .collect();
     let has = |kind: &str, name: &str| {
-        items
+        documents
             .iter()
             .any(|d| d["kind"] == kind && d["metadata"]["name"] == name)
     };
@@ -81,48 +60,15 @@ pub fn apply_chart_rbac(plane: &ControlPlane, namespace: &str) {
             && has("ClusterRole", &customer_role),
         "the chart renders the controller's ServiceAccount and roles and the customer role"
     );
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let mut kubectl = plane
-        .kubectl()
-        .args([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=uwsgi-it-controller-tests",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    kubectl
-        .stdin
-        .take()
-        .expect("kubectl stdin")
-        .write_all(list.to_string().as_bytes())
-        .expect("writing the RBAC to kubectl");
-    let out = kubectl.wait_with_output().expect("kubectl finishes");
-    assert!(
-        out.status.success(),
-        "kubectl apply of the chart's RBAC failed: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
+    plane.apply_yaml(&yaml).expect("the chart's RBAC applies");
 }
 
-/// A client acting as the chart's controller ServiceAccount of `namespace`.
+/// A client holding a real token of the chart's controller ServiceAccount in `namespace`.
 pub async fn controller_client(plane: &ControlPlane, namespace: &str) -> Client {
-    let user = format!(
-        "system:serviceaccount:{namespace}:{}",
-        controller_service_account()
-    );
-    let group = format!("system:serviceaccounts:{namespace}");
     plane
-        .client_as(&user, &["system:serviceaccounts", &group])
+        .service_account_client(namespace, &controller_service_account())
         .await
-        .expect("controller client")
+        .expect("controller ServiceAccount client")
 }
 
 /// Waits until the RBAC just applied reaches the API server's authorizer: the ServiceAccount
