@@ -105,6 +105,23 @@ impl RunningController {
     /// runs as the chart's controller ServiceAccount of `namespace`, with the chart's RBAC
     /// (rendered for release namespace `namespace` and applied first).
     pub fn start(plane: &'static ControlPlane, namespace: String) -> Self {
+        Self::start_with(plane, namespace, |_| {})
+    }
+
+    /// Starts a replica that takes part in leader election under `identity`.
+    pub fn start_elected(plane: &'static ControlPlane, namespace: String, identity: &str) -> Self {
+        let identity = identity.to_string();
+        Self::start_with(plane, namespace, move |options| {
+            options.leader_election = true;
+            options.identity = identity;
+        })
+    }
+
+    fn start_with(
+        plane: &'static ControlPlane,
+        namespace: String,
+        configure: impl FnOnce(&mut uwsgi_it_controller::Options) + Send + 'static,
+    ) -> Self {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         uwsgi_it_telemetry::init_tracing("warn", false);
         let thread = std::thread::spawn(move || {
@@ -113,7 +130,8 @@ impl RunningController {
             runtime.block_on(async move {
                 let client = controller_client(plane, &namespace).await;
                 wait_for_rbac(&client, &namespace).await;
-                let options = uwsgi_it_controller::Options::new(test_config(), namespace);
+                let mut options = uwsgi_it_controller::Options::new(test_config(), namespace);
+                configure(&mut options);
                 let shutdown = async move {
                     let _ = stopped.await;
                 };
