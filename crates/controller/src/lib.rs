@@ -395,42 +395,10 @@ impl Controllers {
     async fn run(self) {
         let config = ControllerConfig::default().concurrency(self.concurrency);
         let ctx = self.context;
-        let containers = self
-            .containers
-            .with_config(config.clone())
-            .run(
-                |o, c| tracked(o, c, container::reconcile),
-                error_policy,
-                Arc::clone(&ctx),
-            )
-            .for_each(|_| futures::future::ready(()));
-        let mappings = self
-            .mappings
-            .with_config(config.clone())
-            .run(
-                |o, c| tracked(o, c, port_mapping::reconcile),
-                error_policy,
-                Arc::clone(&ctx),
-            )
-            .for_each(|_| futures::future::ready(()));
-        let distros = self
-            .distros
-            .with_config(config.clone())
-            .run(
-                |o, c| tracked(o, c, custom_distro::reconcile),
-                error_policy,
-                Arc::clone(&ctx),
-            )
-            .for_each(|_| futures::future::ready(()));
-        let customers = self
-            .customers
-            .with_config(config)
-            .run(
-                |o, c| tracked(o, c, customer::reconcile),
-                error_policy,
-                Arc::clone(&ctx),
-            )
-            .for_each(|_| futures::future::ready(()));
+        let containers = drive(self.containers, &config, container::reconcile, &ctx);
+        let mappings = drive(self.mappings, &config, port_mapping::reconcile, &ctx);
+        let distros = drive(self.distros, &config, custom_distro::reconcile, &ctx);
+        let customers = drive(self.customers, &config, customer::reconcile, &ctx);
         tokio::join!(containers, mappings, distros, customers, self.nodes);
     }
 }
@@ -450,6 +418,33 @@ where
             return result;
         }
     }
+}
+
+/// Runs one controller with the shared configuration, backoff and context until it ends.
+fn drive<K, Fut>(
+    controller: Controller<K>,
+    config: &ControllerConfig,
+    reconcile: fn(Arc<K>, Arc<Context>) -> Fut,
+    ctx: &Arc<Context>,
+) -> impl Future<Output = ()> + Send + use<K, Fut>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
+        .with_config(config.clone())
+        .run(
+            move |object, ctx| tracked(object, ctx, reconcile),
+            error_policy,
+            Arc::clone(ctx),
+        )
+        .for_each(|_| futures::future::ready(()))
 }
 
 /// The key of an object in the backoff table: kind, namespace and name.
