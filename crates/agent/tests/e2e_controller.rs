@@ -44,7 +44,7 @@ use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
 use uwsgi_it_domain::config::OperatorConfig;
 use uwsgi_it_testbed::control_plane::OwnedControlPlane;
 use uwsgi_it_testbed::kubelet::{Kubelet, KubeletNode};
-use uwsgi_it_testbed::netns::{Netns, tcp_exchange, veth};
+use uwsgi_it_testbed::netns::{Netns, tcp_exchange};
 
 /// Bound for anything the controller and the agents must do; it only matters when a test fails.
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -249,13 +249,7 @@ impl Cluster {
             config.clone(),
         );
 
-        let client_netns = Netns::create("client").unwrap();
-        client_netns
-            .ip(&["link", "add", "br0", "type", "bridge"])
-            .unwrap();
-        client_netns
-            .add_address("br0", &format!("{CLIENT_ADDRESS}/24"))
-            .unwrap();
+        let client_netns = uwsgi_it_testbed::netns::public_client().unwrap();
         let mut cluster = Cluster {
             agents: Vec::new(),
             kubelet: None,
@@ -269,17 +263,13 @@ impl Cluster {
         for (index, &(name, public)) in nodes.iter().enumerate() {
             let netns = Netns::create("node").unwrap();
             let peer = format!("p{}", index + 1);
-            veth(&netns, "public0", &cluster.client_netns, &peer).unwrap();
-            cluster
-                .client_netns
-                .ip(&["link", "set", &peer, "master", "br0", "up"])
-                .unwrap();
-            netns
-                .add_address("public0", &format!("{public}/24"))
-                .unwrap();
-            netns
-                .add_route(&["default", "via", &CLIENT_ADDRESS.to_string()])
-                .unwrap();
+            uwsgi_it_testbed::netns::attach_public_node(
+                &cluster.client_netns,
+                &netns,
+                &peer,
+                public,
+            )
+            .unwrap();
             cluster.nodes.push(SimNode {
                 name,
                 public,

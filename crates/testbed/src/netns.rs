@@ -156,6 +156,32 @@ pub fn veth(a: &Netns, a_interface: &str, b: &Netns, b_interface: &str) -> Resul
     ])
 }
 
+/// The bridge in a [`public_client`] namespace that every simulated server's public link joins.
+pub const PUBLIC_BRIDGE: &str = "br0";
+
+/// A client namespace standing for the outside world: a bridge [`PUBLIC_BRIDGE`] holding
+/// [`CLIENT_ADDRESS`]/24, to which [`attach_public_node`] plugs simulated servers.
+pub fn public_client() -> Result<Netns> {
+    let client = Netns::create("client")?;
+    client.ip(&["link", "add", PUBLIC_BRIDGE, "type", "bridge"])?;
+    client.add_address(PUBLIC_BRIDGE, &format!("{CLIENT_ADDRESS}/24"))?;
+    Ok(client)
+}
+
+/// Plugs a simulated server into the client's public bridge: a veth with `public0` in `node`
+/// (holding `public`/24, default route via the client) and `peer` on the bridge.
+pub fn attach_public_node(
+    client: &Netns,
+    node: &Netns,
+    peer: &str,
+    public: Ipv4Addr,
+) -> Result<()> {
+    veth(node, "public0", client, peer)?;
+    client.ip(&["link", "set", peer, "master", PUBLIC_BRIDGE, "up"])?;
+    node.add_address("public0", &format!("{public}/24"))?;
+    node.add_route(&["default", "via", &CLIENT_ADDRESS.to_string()])
+}
+
 /// The node's public address in [`ForwardingTopology`].
 pub const NODE_PUBLIC_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// The outside client's address.

@@ -171,13 +171,7 @@ impl World {
         let client = plane.client().await.unwrap();
         let namespace = plane.namespace("agent-e2e").await.unwrap();
         let world_id = NEXT_WORLD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let client_netns = Netns::create("client").unwrap();
-        client_netns
-            .ip(&["link", "add", "br0", "type", "bridge"])
-            .unwrap();
-        client_netns
-            .add_address("br0", &format!("{CLIENT_ADDRESS}/24"))
-            .unwrap();
+        let client_netns = uwsgi_it_testbed::netns::public_client().unwrap();
         let mut world = World {
             client: client.clone(),
             namespace,
@@ -193,16 +187,7 @@ impl World {
             let netns = Netns::create("node").unwrap();
             let public = Ipv4Addr::new(203, 0, 113, 10 + index);
             let peer = format!("p{index}");
-            uwsgi_it_testbed::netns::veth(&netns, "public0", &world.client_netns, &peer).unwrap();
-            world
-                .client_netns
-                .ip(&["link", "set", &peer, "master", "br0", "up"])
-                .unwrap();
-            netns
-                .add_address("public0", &format!("{public}/24"))
-                .unwrap();
-            netns
-                .add_route(&["default", "via", &CLIENT_ADDRESS.to_string()])
+            uwsgi_it_testbed::netns::attach_public_node(&world.client_netns, &netns, &peer, public)
                 .unwrap();
             let home_dir = tempfile::tempdir().unwrap();
             let home_root = home_dir.path().join("containers");
