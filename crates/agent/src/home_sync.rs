@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 use uwsgi_it_api::Container;
+use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
 use uwsgi_it_domain::config::HomeRetention;
 
@@ -104,11 +105,7 @@ async fn ensure(
         storage_container: container.spec.custom_distros_storage,
         ssh_keys: container.spec.ssh_keys.clone(),
     };
-    let conditions = container
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let conditions = container.conditions();
     let reported_ready = condition::is_true(conditions, HOME_READY);
     let up_to_date = state.ensured.get(&uid) == Some(&spec) && reported_ready;
     if up_to_date && !full && state.measured.contains_key(&uid) {
@@ -215,11 +212,7 @@ fn home_error_reason(error: &HomeError) -> &'static str {
 
 /// Applies `homeRetention` to a deleted Container's home once its workload is stopped.
 async fn release(ctx: &Context, state: &mut HomesState, container: &Container, uid: u32) {
-    let conditions = container
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let conditions = container.conditions();
     if condition::find(conditions, HOME_READY).is_some_and(|c| c.reason == HOME_RELEASED_REASON) {
         return;
     }

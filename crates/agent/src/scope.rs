@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
-use uwsgi_it_api::condition::Condition;
+use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::well_known::NODE_LABEL;
 use uwsgi_it_api::{Container, CustomDistro, PortMapping};
 
@@ -73,23 +73,21 @@ pub async fn choose_selector(client: &Client, node: &str) -> anyhow::Result<Node
 
 /// The objects the agent acts on, with the status the controller and the agent write.
 pub trait NodeObject:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + Send + Sync + 'static
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + HasConditions
+    + Clone
+    + Debug
+    + Send
+    + Sync
+    + 'static
 {
     /// `status.server`: the node the controller placed the object on.
     fn server(&self) -> Option<&str>;
-    /// `status.conditions`.
-    fn conditions(&self) -> &[Condition];
 }
 
 impl NodeObject for Container {
     fn server(&self) -> Option<&str> {
         self.status.as_ref()?.server.as_deref()
-    }
-    fn conditions(&self) -> &[Condition] {
-        self.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default()
     }
 }
 
@@ -97,23 +95,11 @@ impl NodeObject for PortMapping {
     fn server(&self) -> Option<&str> {
         self.status.as_ref()?.server.as_deref()
     }
-    fn conditions(&self) -> &[Condition] {
-        self.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default()
-    }
 }
 
 impl NodeObject for CustomDistro {
     fn server(&self) -> Option<&str> {
         self.status.as_ref()?.server.as_deref()
-    }
-    fn conditions(&self) -> &[Condition] {
-        self.status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default()
     }
 }
 

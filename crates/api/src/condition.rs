@@ -29,3 +29,30 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find(conditions, type_).is_some_and(|c| c.status == "True")
 }
+
+/// Read access to an object's `status.conditions` (empty while it has no status), so the
+/// controller and the agent need not unwrap each kind's status themselves.
+pub trait HasConditions {
+    /// The object's conditions.
+    fn conditions(&self) -> &[Condition];
+}
+
+macro_rules! has_conditions {
+    ($($kind:ty),*) => {$(
+        impl HasConditions for $kind {
+            fn conditions(&self) -> &[Condition] {
+                self.status
+                    .as_ref()
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default()
+            }
+        }
+    )*};
+}
+
+has_conditions!(
+    crate::Container,
+    crate::PortMapping,
+    crate::CustomDistro,
+    crate::Customer
+);

@@ -20,6 +20,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info};
+use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, ADMITTED};
 use uwsgi_it_api::{Container, Customer, Reservation};
 use uwsgi_it_domain::capacity::{
@@ -487,11 +488,7 @@ async fn write_admission(
         reason: reason.clone(),
         message: message.clone(),
     };
-    let existing = container
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let existing = container.conditions();
     let mut body = json!({
         "conditions": [condition.to_condition(existing, container.metadata.generation)],
         "observedGeneration": desired.observed_generation,

@@ -11,6 +11,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
 use uwsgi_it_api::Container;
+use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
 use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
 use uwsgi_it_domain::capacity::{NodeFacts, resolve_server};
@@ -263,11 +264,7 @@ fn plan_workload(
             report: true,
         });
     };
-    let conditions = container
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let conditions = container.conditions();
     if !condition::is_true(conditions, HOME_READY) {
         return Err(NoWorkload {
             reason: "WaitingForHome",
@@ -461,11 +458,7 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     // The agent archives the home only once the workload is known to be stopped.
-    let conditions = container
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let conditions = container.conditions();
     if condition::find(conditions, RUNNING).is_some_and(|c| c.reason != STOPPED_REASON) {
         let stopped = Desired::no(
             RUNNING,
@@ -489,11 +482,7 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
             delete_if_present(&volumes, &volume).await?;
         }
         // The agent archives (or retains, or deletes) the home and says so on HomeReady.
-        let conditions = container
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default();
+        let conditions = container.conditions();
         let released = condition::find(conditions, HOME_READY)
             .is_some_and(|c| c.reason == HOME_RELEASED_REASON);
         if record.server.is_some() && !released {

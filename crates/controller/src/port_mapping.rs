@@ -13,6 +13,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::info;
+use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, ACCEPTED};
 use uwsgi_it_api::{Container, PortMapping, Protocol};
 use uwsgi_it_domain::capacity::check_owner;
@@ -209,11 +210,7 @@ async fn write(
         reason: reason.clone(),
         message: message.clone(),
     };
-    let existing = mapping
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
+    let existing = mapping.conditions();
     let mut body = json!({
         "conditions": [condition.to_condition(existing, mapping.metadata.generation)],
         "observedGeneration": desired.observed_generation,
