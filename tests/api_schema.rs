@@ -37,10 +37,11 @@ fn text(bytes: &[u8]) -> String {
 }
 
 #[tokio::test]
-async fn the_four_crds_are_established() {
+async fn the_five_crds_are_established() {
     let plane = plane_with_crds().await;
     let crds: Api<CustomResourceDefinition> = Api::all(plane.client().await.unwrap());
     for name in [
+        "servers.uwsgi.it",
         "customers.uwsgi.it",
         "containers.uwsgi.it",
         "portmappings.uwsgi.it",
@@ -161,6 +162,97 @@ async fn container_server_is_immutable() {
         .patch("web", &PatchParams::default(), &Patch::Merge(&resized))
         .await
         .expect("other fields stay editable");
+}
+
+/// A status write as a controller or a compromised writer would send it.
+async fn write_status<K>(api: &Api<K>, name: &str, status: serde_json::Value) -> kube::Result<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let body = json!({
+        "apiVersion": "uwsgi.it/v1alpha1",
+        "kind": K::kind(&()),
+        "metadata": {"name": name},
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply("writer").force(),
+        &Patch::Apply(&body),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_container_uid_never_changes_and_its_server_stays_while_reserved() {
+    let plane = plane_with_crds().await;
+    let namespace = plane.namespace("immutable-status").await.unwrap();
+    let containers: Api<Container> = Api::namespaced(plane.client().await.unwrap(), &namespace);
+    containers
+        .create(&PostParams::default(), &container("web", "server-1"))
+        .await
+        .unwrap();
+    write_status(&containers, "web", json!({"uid": 30010}))
+        .await
+        .expect("a first uid is accepted");
+    let err = write_status(&containers, "web", json!({"uid": 30011}))
+        .await
+        .expect_err("a second uid must be refused");
+    assert!(
+        err.to_string()
+            .contains("status.uid never changes once set"),
+        "{err}"
+    );
+
+    write_status(
+        &containers,
+        "web",
+        json!({"uid": 30010, "server": "server-1", "reserved": {"memory": 100, "storage": 100}}),
+    )
+    .await
+    .expect("a reservation is accepted");
+    let err = write_status(
+        &containers,
+        "web",
+        json!({"uid": 30010, "server": "server-2", "reserved": {"memory": 100, "storage": 100}}),
+    )
+    .await
+    .expect_err("moving a reserved container must be refused");
+    assert!(
+        err.to_string()
+            .contains("status.server never changes while the container holds a reservation"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_highest_uid_never_goes_down() {
+    let plane = plane_with_crds().await;
+    let servers: Api<uwsgi_it_api::Server> = Api::all(plane.client().await.unwrap());
+    let server: uwsgi_it_api::Server = serde_json::from_value(json!({
+        "apiVersion": "uwsgi.it/v1alpha1", "kind": "Server",
+        "metadata": {"name": "highest-uid"},
+        "spec": {"memory": 1000, "storage": 1000},
+    }))
+    .unwrap();
+    servers
+        .create(&PostParams::default(), &server)
+        .await
+        .unwrap();
+    write_status(&servers, "highest-uid", json!({"highestUid": 30020}))
+        .await
+        .unwrap();
+    write_status(&servers, "highest-uid", json!({"highestUid": 30021}))
+        .await
+        .expect("it may grow");
+    let err = write_status(&servers, "highest-uid", json!({"highestUid": 30001}))
+        .await
+        .expect_err("lowering it must be refused");
+    assert!(
+        err.to_string()
+            .contains("status.highestUid never goes down"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -205,7 +205,11 @@ fn default_render_has_the_agent_the_design_needs() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
-    assert_eq!(pod["nodeSelector"], json!({"uwsgi.it/server": "true"}));
+    assert!(
+        pod["nodeSelector"].is_null(),
+        "the agent needs no node label: {}",
+        pod["nodeSelector"]
+    );
     assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
     assert_eq!(pod["serviceAccountName"], "rel-agent");
     let agent = &pod["containers"][0];
@@ -400,10 +404,7 @@ fn non_default_values_reach_every_object() {
 
     let ds = manifests.get("DaemonSet", "hosting-agent");
     let pod = &ds["spec"]["template"]["spec"];
-    assert_eq!(
-        pod["nodeSelector"],
-        json!({"uwsgi.it/server": "true", "example.com/pool": "hosting"})
-    );
+    assert_eq!(pod["nodeSelector"], json!({"example.com/pool": "hosting"}));
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["imagePullSecrets"], json!([{"name": "regcred"}]));
     let agent = &pod["containers"][0];
@@ -553,7 +554,7 @@ fn chart_crds_are_the_generated_crds() {
     };
     let generated = listing(&repo_path("crds"));
     let chart = listing(&chart_dir().join("crds"));
-    assert_eq!(generated.len(), 4, "crds/ lost a CRD");
+    assert_eq!(generated.len(), 5, "crds/ lost a CRD");
     let names = |files: &[(String, String)]| files.iter().map(|f| f.0.clone()).collect::<Vec<_>>();
     assert_eq!(
         names(&chart),
@@ -633,9 +634,7 @@ where
 async fn helm_install_creates_every_object() {
     let installed = install().await;
     assert!(
-        installed
-            .output
-            .contains("kubectl label node server-1 uwsgi.it/server=true"),
+        installed.output.contains("kind: Server"),
         "NOTES do not tell the supplier how to make a server: {}",
         installed.output
     );
@@ -1255,6 +1254,22 @@ async fn controller_and_agent_have_least_privilege() {
             false,
         ),
         (&controller, ask("patch", "", "nodes", None, None), false),
+        // The ledger is replaced under a precondition, never patched; the spec is the supplier's.
+        (
+            &controller,
+            ask("update", "uwsgi.it", "servers/status", None, None),
+            true,
+        ),
+        (
+            &controller,
+            ask("patch", "uwsgi.it", "servers/status", None, None),
+            false,
+        ),
+        (
+            &controller,
+            ask("update", "uwsgi.it", "servers", None, None),
+            false,
+        ),
         // The agent: reads its objects, reports status and Events...
         (
             &agent,
@@ -1277,6 +1292,16 @@ async fn controller_and_agent_have_least_privilege() {
             true,
         ),
         (&agent, ask("get", "", "nodes", None, None), true),
+        (
+            &agent,
+            ask("watch", "uwsgi.it", "servers", None, None),
+            true,
+        ),
+        (
+            &agent,
+            ask("update", "uwsgi.it", "servers/status", None, None),
+            false,
+        ),
         (
             &agent,
             ask("create", "events.k8s.io", "events", customer, None),

@@ -90,6 +90,7 @@ portForward:
 logLevel: {{ $c.logLevel | toString | toJson }}
 customerClusterRole: {{ $c.customerClusterRole | toString | toJson }}
 uidStore: {{ $c.uidStore | toString | toJson }}
+releaseTimeout: {{ $c.releaseTimeout | toString | toJson }}
 {{- end -}}
 
 {{/* Restricted-profile container security context shared by the controller. */}}

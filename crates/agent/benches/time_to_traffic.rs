@@ -7,7 +7,7 @@
 //!
 //! Set-up: a private etcd + kube-apiserver ([`OwnedControlPlane`]) with the CRDs; a
 //! [`ForwardingTopology`] (client 203.0.113.100 ── 203.0.113.10 node 10.244.1.1 ── 10.244.1.2
-//! container) with TCP line-echo listeners on the container's ports 8000..8003; a server Node
+//! container) with TCP line-echo listeners on the container's ports 8000..8003; a Server and Node
 //! whose `uwsgi.it/address` annotation is the node's public address; the real agent in-process
 //! for that Node, inside the node's namespace, with the nftables backend and a one-hour
 //! `resyncPeriod`, so only the event path can deliver a mapping during the run; a Container
@@ -44,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -52,9 +51,7 @@ use tokio::sync::oneshot;
 use uwsgi_it_agent::metrics::Metrics;
 use uwsgi_it_agent::{Agent, AgentOptions, NetworkNamespace};
 use uwsgi_it_api::condition::{self, PROGRAMMED};
-use uwsgi_it_api::well_known::{
-    ADDRESS_ANNOTATION, CONTROLLER_MANAGER, MEMORY_ANNOTATION, SERVER_LABEL, STORAGE_ANNOTATION,
-};
+use uwsgi_it_api::well_known::CONTROLLER_MANAGER;
 use uwsgi_it_api::{Container, PortMapping};
 use uwsgi_it_domain::config::OperatorConfig;
 use uwsgi_it_testbed::control_plane::{ControlPlane, OwnedControlPlane};
@@ -209,23 +206,21 @@ impl Cluster {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// The server Node, as a supplier labels and annotates it.
+    /// The server as a supplier declares it: its Node and its Server.
     async fn create_node(&self) -> Result<()> {
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {
-                "name": self.node,
-                "labels": {SERVER_LABEL: "true"},
-                "annotations": {
-                    MEMORY_ANNOTATION: "16000",
-                    STORAGE_ANNOTATION: "500000",
-                    ADDRESS_ANNOTATION: NODE_PUBLIC_ADDRESS.to_string(),
-                },
+        let address = NODE_PUBLIC_ADDRESS.to_string();
+        uwsgi_it_testbed::servers::declare(
+            &self.client,
+            &self.node,
+            &uwsgi_it_testbed::servers::ServerSpec {
+                memory: 16000,
+                storage: 500000,
+                address: Some(&address),
+                pod_cidr: Some(CONTAINER_NETWORK),
             },
-            "spec": {"podCIDR": CONTAINER_NETWORK},
-        }))?;
-        Api::<Node>::all(self.client.clone())
-            .create(&PostParams::default(), &node)
-            .await?;
+            true,
+        )
+        .await?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! The node's public IPv4 address, and a watch on the node's addresses and links.
 //!
-//! The supplier's word wins: the Node's `uwsgi.it/address` annotation, else its ExternalIP, else
-//! its InternalIP. A node that has none of them is asked through rtnetlink: the first global
+//! The supplier's word wins: the Server's `spec.address`, else the Node's ExternalIP, else its
+//! InternalIP (the domain's one rule, shared with the controller). A node that has none of them is asked through rtnetlink: the first global
 //! IPv4 address of the interface holding the default route. Address and link changes (netlink
 //! multicast) wake the forwarding sync up, so a re-addressed node is reprogrammed at once
 //! rather than at the next periodic resync.
@@ -17,7 +17,7 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
 use rtnetlink::packet_route::route::RouteAttribute;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 use tracing::{debug, warn};
-use uwsgi_it_api::well_known::ADDRESS_ANNOTATION;
+use uwsgi_it_api::Server;
 
 /// Where the node's network lives: the agent's own network namespace (production: the host's,
 /// the agent Pod runs with `hostNetwork`) or a named one under `/run/netns` (tests, where each
@@ -66,20 +66,20 @@ impl NetworkNamespace {
 /// The main routing table's id in a route header.
 const RT_TABLE_MAIN: u8 = 254;
 
-/// The public address the Node object declares: annotation, else ExternalIP, else InternalIP.
-pub fn declared_public_address(node: &Node) -> Option<Ipv4Addr> {
-    if let Some(text) = node.metadata.annotations.as_ref()?.get(ADDRESS_ANNOTATION)
-        && let Ok(address) = text.trim().parse()
-    {
-        return Some(address);
-    }
-    let addresses = node.status.as_ref()?.addresses.as_ref()?;
-    ["ExternalIP", "InternalIP"].into_iter().find_map(|kind| {
+/// The public address the Server and its Node declare: `spec.address`, else ExternalIP, else
+/// InternalIP.
+pub fn declared_public_address(server: Option<&Server>, node: Option<&Node>) -> Option<Ipv4Addr> {
+    let addresses = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| a.as_slice())
+        .unwrap_or_default();
+    uwsgi_it_domain::address::public_address(
+        server.and_then(|s| s.spec.address.as_deref()),
         addresses
             .iter()
-            .filter(|a| a.type_ == kind)
-            .find_map(|a| a.address.parse().ok())
-    })
+            .map(|a| (a.type_.as_str(), a.address.as_str())),
+    )
 }
 
 /// The first global IPv4 address of the interface that holds the default route.

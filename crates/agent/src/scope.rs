@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::well_known::NODE_LABEL;
-use uwsgi_it_api::{Container, CustomDistro, PortMapping};
+use uwsgi_it_api::{Container, CustomDistro, PortMapping, Server};
 
 /// How the API server is asked for this node's objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +124,7 @@ pub(crate) struct Caches {
     pub mappings: Store<PortMapping>,
     pub distros: Store<CustomDistro>,
     pub node: Store<Node>,
+    pub server: Store<Server>,
 }
 
 impl Caches {
@@ -163,6 +164,13 @@ impl Caches {
             |t| t.distros.notify_one(),
             tasks,
         );
+        let server = watch(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            triggers,
+            |t| t.forwarding.notify_one(),
+            tasks,
+        );
         let node = watch(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
@@ -175,18 +183,24 @@ impl Caches {
             mappings,
             distros,
             node,
+            server,
         }
     }
 
     /// Resolves once every cache has listed its objects once.
     pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let (a, b, c, d) = tokio::join!(
+        let (a, b, c, d, e) = tokio::join!(
             self.containers.wait_until_ready(),
             self.mappings.wait_until_ready(),
             self.distros.wait_until_ready(),
             self.node.wait_until_ready(),
+            self.server.wait_until_ready(),
         );
-        a.and(b).and(c).and(d).map_err(|e| anyhow::anyhow!("{e}"))
+        a.and(b)
+            .and(c)
+            .and(d)
+            .and(e)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// This node's objects of one kind, re-checked against their status.

@@ -217,7 +217,8 @@ pub(crate) async fn forwarding_loop(ctx: Arc<Context>) -> anyhow::Result<()> {
 }
 
 async fn public_address(ctx: &Context, node: Option<&Node>) -> Option<Ipv4Addr> {
-    if let Some(address) = node.and_then(declared_public_address) {
+    let server = ctx.caches.server.state().into_iter().next();
+    if let Some(address) = declared_public_address(server.as_deref(), node) {
         return Some(address);
     }
     match discover_public_address(&ctx.netns).await {
@@ -245,9 +246,8 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
             ForwardingRuleset::new([], networks, []).map_err(|e| e.to_string())
         }
         None => Err(format!(
-            "node {} has no public address: no {} annotation, no ExternalIP or InternalIP, and no global IPv4 address on the default route's interface",
+            "node {} has no public address: no spec.address on its Server, no ExternalIP or InternalIP on its Node, and no global IPv4 address on the default route's interface",
             ctx.node,
-            uwsgi_it_api::well_known::ADDRESS_ANNOTATION
         )),
     };
 

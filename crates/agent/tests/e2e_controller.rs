@@ -210,7 +210,7 @@ async fn service_account_client(plane: &OwnedControlPlane, program: &str) -> Cli
 
 impl Cluster {
     /// A fresh control plane with the CRDs, the controller, the network topology, the server
-    /// Nodes from `examples/00-server-node.yaml` (server-1 exactly as written, server-2 with
+    /// Servers from `examples/00-server.yaml` (server-1 exactly as written, server-2 with
     /// its name and address substituted), the kubelet stand-in and one agent per node.
     async fn start(backend: Backend, nodes: &[(&'static str, Ipv4Addr)]) -> Cluster {
         uwsgi_it_telemetry::init_tracing("warn", false);
@@ -275,7 +275,7 @@ impl Cluster {
                 public,
                 netns,
             });
-            cluster.apply_server_node(name, public);
+            cluster.apply_server_node(name, public).await;
         }
         let kubelet_nodes = cluster
             .nodes
@@ -312,16 +312,19 @@ impl Cluster {
         cluster
     }
 
-    /// `kubectl apply -f examples/00-server-node.yaml`, adapted to this node when it is not the
-    /// example's own.
-    fn apply_server_node(&self, name: &str, address: Ipv4Addr) {
-        let path = example("00-server-node.yaml");
+    /// The Node (as a kubelet registers it), then `kubectl apply -f examples/00-server.yaml`,
+    /// adapted to this node when it is not the example's own.
+    async fn apply_server_node(&self, name: &str, address: Ipv4Addr) {
+        uwsgi_it_testbed::servers::register_node(&self.client, name, None)
+            .await
+            .unwrap();
+        let path = example("00-server.yaml");
         let original = std::fs::read_to_string(&path).unwrap();
         let adapted = original
             .replace(EXAMPLE_NODE, name)
             .replace(&EXAMPLE_ADDRESS.to_string(), &address.to_string());
         if adapted == original {
-            self.apply_example("00-server-node.yaml");
+            self.apply_example("00-server.yaml");
         } else {
             self.kubectl_apply_stdin(&adapted);
         }
@@ -540,14 +543,12 @@ async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
     )
     .await;
 
-    // 00: both server Nodes carry the example's label and capacity (checked by kubectl).
+    // 00: both Servers are declared with the example's capacity and address (read by kubectl).
     let servers = cluster.kubectl(&[
         "get",
-        "nodes",
-        "-l",
-        "uwsgi.it/server=true",
+        "servers",
         "-o",
-        "jsonpath={range .items[*]}{.metadata.name}={.metadata.annotations.uwsgi\\.it/address} {end}",
+        "jsonpath={range .items[*]}{.metadata.name}={.spec.address} {end}",
     ]);
     assert_eq!(
         servers.trim(),

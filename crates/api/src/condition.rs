@@ -5,7 +5,7 @@
 
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-/// Customer: its namespace and role bindings exist.
+/// Customer: its namespace and role bindings exist. Server: its Node exists and admission runs.
 pub const READY: &str = "Ready";
 /// Container: the controller reserved memory and storage on the server (controller).
 pub const ADMITTED: &str = "Admitted";
@@ -54,5 +54,6 @@ has_conditions!(
     crate::Container,
     crate::PortMapping,
     crate::CustomDistro,
-    crate::Customer
+    crate::Customer,
+    crate::Server
 );

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
     status = "ContainerStatus",
     shortname = "uc",
     category = "uwsgi",
+    doc = "A customer's container: memory and storage reserved on one Server, a home directory there, and its uWSGI Emperor.",
     selectable = ".status.server",
     printcolumn(name = "Server", type_ = "string", json_path = ".spec.server"),
     printcolumn(
@@ -51,7 +52,7 @@ use serde::{Deserialize, Serialize};
 ))]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerSpec {
-    /// The server this container lives on: a server node's name or its public address, as in
+    /// The server this container lives on: a Server's name or its public address, as in
     /// the uwsgi.it API. The customer must own the server. Immutable.
     #[x_kube(validation = Rule::new("self == oldSelf").message("server is immutable"))]
     #[schemars(length(min = 1, max = 253))]
@@ -119,14 +120,20 @@ pub struct Reservation {
 }
 
 /// What the controller and the agent observed and decided for a Container.
+///
+/// The admission fields are a projection of the Server's ledger. The uid, and the server while a
+/// reservation is held, never change once set: a lost response retried, a second controller or
+/// a stale cache cannot move a container or give it another identity (and another home).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!has(oldSelf.uid) || (has(self.uid) && self.uid == oldSelf.uid)").message("status.uid never changes once set"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.server) || !has(oldSelf.reserved) || (has(self.server) && self.server == oldSelf.server)").message("status.server never changes while the container holds a reservation"))]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerStatus {
     /// The container's uid (>= 30001), unique in the cluster and never reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<i64>,
 
-    /// Name of the server node the container lives on.
+    /// Name of the Server the container holds its reservation on (a projection of its ledger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
 

@@ -45,7 +45,7 @@ pub struct CustomerSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("namespace is immutable"))]
     pub namespace: Option<String>,
 
-    /// Names of the server nodes this customer owns; its containers may only live there.
+    /// Names of the Servers this customer owns; its containers may only live there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1024), inner(length(min = 1, max = 253)))]
     pub servers: Vec<String>,
@@ -80,7 +80,7 @@ pub struct CustomerSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceUsage {
-    /// Capacity the supplier annotated on the server node, in MB.
+    /// The Server's capacity (spec), in MB.
     pub capacity: i64,
     /// Sum of all admitted reservations on the server (every customer), in MB.
     pub used: i64,

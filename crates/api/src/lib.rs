@@ -1,4 +1,4 @@
-//! The `uwsgi.it/v1alpha1` API: the four custom resources suppliers and customers write.
+//! The `uwsgi.it/v1alpha1` API: the five custom resources suppliers and customers write.
 //!
 //! Everything a schema can check statically is in the schema (ranges, patterns, CEL rules with
 //! messages), so `kubectl apply` refuses bad input before the controller sees it. Rules that need
@@ -14,12 +14,14 @@ pub mod container;
 pub mod custom_distro;
 pub mod customer;
 pub mod port_mapping;
+pub mod server;
 pub mod well_known;
 
 pub use container::{Container, ContainerSpec, ContainerStatus, Reservation};
 pub use custom_distro::{CustomDistro, CustomDistroSpec, CustomDistroStatus};
 pub use customer::{Customer, CustomerSpec, CustomerStatus, ResourceUsage, ServerUsage};
 pub use port_mapping::{PortMapping, PortMappingSpec, PortMappingStatus, Protocol};
+pub use server::{Capacity, LedgerEntry, Server, ServerSpec, ServerStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -32,6 +34,7 @@ pub const VERSION: &str = "v1alpha1";
 /// The CustomResourceDefinitions of this API, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
+        Server::crd(),
         Customer::crd(),
         Container::crd(),
         PortMapping::crd(),

@@ -64,13 +64,13 @@ fn every_example_round_trips_through_its_type() {
             "Container" => assert_round_trip::<Container>(origin, value),
             "PortMapping" => assert_round_trip::<PortMapping>(origin, value),
             "CustomDistro" => assert_round_trip::<CustomDistro>(origin, value),
-            "Node" => assert_round_trip::<k8s_openapi::api::core::v1::Node>(origin, value),
+            "Server" => assert_round_trip::<uwsgi_it_api::Server>(origin, value),
             other => panic!("{origin}: unexpected kind {other}"),
         }
         kinds.push(kind);
     }
     for kind in [
-        "Node",
+        "Server",
         "Customer",
         "Container",
         "PortMapping",

@@ -1,40 +1,45 @@
-//! Admission passes: the reservations of one server decided together, one pass at a time.
+//! The Server reconciler: admission as commits to the Server's reservation ledger.
 //!
-//! A pass reads every container placed on the server (what this controller last wrote for
-//! each, ahead of the watch cache), runs the pure [`admit`] decision, hands uids to newly
-//! admitted containers (persisting the high-water mark first), and writes only the statuses
-//! that changed — releases before grants, so a failed write can never leave the server oversold.
+//! A pass reads the Server from the API (not from a cache), takes that server's containers from
+//! the index, decides with the pure [`admit`], allocates uids for new reservations, and replaces
+//! `Server.status` with the result under a `resourceVersion` precondition. On a conflict the
+//! pass starts again from the new revision. Only after the commit are the Containers' statuses
+//! written, as a projection of the ledger. So whatever races it — a second controller that
+//! believes it leads, a stale cache, a lost response, a crash — every ledger revision was
+//! computed from the revision it replaced, and Σ reserved never exceeds the capacity.
+//!
+//! Pipeline: [`resolve`] (Server, Node, containers, owners) → [`decide`] (pure) → uids →
+//! [`commit`] → [`project`] → [`report`].
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt, stream};
-
-use k8s_openapi::jiff::Timestamp;
-
+use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use kube::api::Api;
+use kube::api::{Api, PostParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::{debug, info};
-use uwsgi_it_api::condition::HasConditions;
-use uwsgi_it_api::condition::{self, ADMITTED};
-use uwsgi_it_api::{Container, Customer, Reservation};
+use tracing::{debug, info, warn};
+use uwsgi_it_api::condition::{self, ADMITTED, HasConditions, READY};
+use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
+use uwsgi_it_api::{Capacity, Container, Customer, LedgerEntry, Reservation, Server, ServerStatus};
 use uwsgi_it_domain::capacity::{
-    Admission, Candidate, Change, NodeFacts, Outcome, PlacementError, Resources, admit,
+    Admission, Candidate, Change, Outcome, PlacementError, Resources, ServerFacts, Usage, admit,
     check_owner, resolve_server,
 };
 use uwsgi_it_domain::identity::ObjectKey;
 
 use crate::Error;
 use crate::context::Context;
-use crate::facts::{key_of, node_facts, requested};
+use crate::facts::{key_of, requested, server_facts};
 use crate::status::{ADMISSION_MANAGER, Desired, apply_status};
+use crate::uids::UidStoreError;
 
-/// The admission fields of a container's status, as written by this controller.
+/// The admission fields of a container's status: the projection of its ledger entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdmissionRecord {
     /// `status.uid`.
@@ -75,110 +80,76 @@ impl AdmissionRecord {
     pub fn is_admitted(&self) -> bool {
         self.uid.is_some() && self.reserved.is_some() && self.server.is_some()
     }
-
-    fn reserved_resources(&self) -> Option<Resources> {
-        self.reserved
-            .as_ref()
-            .map(|r| Resources::new(r.memory.max(0) as u64, r.storage.max(0) as u64))
-    }
 }
 
-/// How many admission status writes of one pass are in flight at once. Releases all complete
-/// before any grant is sent, so the order that keeps a server from being oversold holds.
+/// How many Container status writes of one pass are in flight at once.
 const WRITES_IN_FLIGHT: usize = 16;
 
-/// One server's passes: serialised by `last`, and coalesced. A request takes a ticket; a pass
-/// covers every ticket taken before it started reading the caches, so a request whose ticket a
-/// finished pass covers has nothing left to decide (that pass read everything the request saw).
+/// How often a Server is passed again without any event (repairs what a lost event missed).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// Containers whose reservation this controller released: a watch cache that still shows one
+/// of them alive must not get it admitted again. Only an optimisation — a ghost admitted anyway
+/// is an orphan entry that the next pass drops after asking the API — so memory is fine here.
 #[derive(Default)]
-struct ServerPasses {
-    requested: AtomicU64,
-    last: tokio::sync::Mutex<LastPass>,
-}
+pub struct Released(Mutex<HashSet<String>>);
 
-#[derive(Default)]
-struct LastPass {
-    /// The highest ticket the last successful pass covers.
-    covered: u64,
-    /// When the last pass wants to run again (a container too young to decide).
-    again_at: Option<Instant>,
-}
-
-/// Per-server serialisation and the controller's view of its own admission writes.
-#[derive(Default)]
-pub struct AdmissionState {
-    locks: Mutex<HashMap<String, Arc<ServerPasses>>>,
-    overlay: crate::overlay::Overlay<AdmissionRecord>,
-    /// Containers whose finalizer this controller removed: their reservation is free even
-    /// while the watch cache still shows them.
-    released: Mutex<HashSet<String>>,
-}
-
-impl AdmissionState {
-    fn lock_for(&self, server: &str) -> Arc<ServerPasses> {
-        self.locks
-            .lock()
-            .expect("admission locks")
-            .entry(server.to_string())
-            .or_default()
-            .clone()
-    }
-
-    /// The admission record of a container as this controller last decided it.
-    pub fn effective(&self, container: &Container) -> AdmissionRecord {
-        self.overlay
-            .effective(&uid_of(container), AdmissionRecord::cached(container))
-    }
-
-    fn is_released(&self, container: &Container) -> bool {
-        self.released
+impl Released {
+    fn insert(&self, object_uid: &str) {
+        self.0
             .lock()
             .expect("released set")
-            .contains(&uid_of(container))
+            .insert(object_uid.to_string());
     }
 
-    /// Marks a container's reservation as free (its finalizer is being removed).
-    pub fn release(&self, container: &Container) {
-        self.released
-            .lock()
-            .expect("released set")
-            .insert(uid_of(container));
+    fn contains(&self, object_uid: &str) -> bool {
+        self.0.lock().expect("released set").contains(object_uid)
     }
 
-    fn forget_dead(&self, live: &HashSet<String>) {
-        self.overlay.retain_live(live);
-        self.released
-            .lock()
-            .expect("released set")
-            .retain(|uid| live.contains(uid));
+    /// Forgets a container that is gone from the cache too.
+    pub fn forget(&self, object_uid: &str) {
+        self.0.lock().expect("released set").remove(object_uid);
     }
 }
 
-fn uid_of(container: &Container) -> String {
+fn object_uid(container: &Container) -> String {
     container.metadata.uid.clone().unwrap_or_default()
 }
 
-/// Where a container is (or would be) placed: the server it holds a reservation on, else the
-/// server its `spec.server` names.
-pub fn placement(
-    record: &AdmissionRecord,
+fn has_finalizer(container: &Container) -> bool {
+    container
+        .finalizers()
+        .iter()
+        .any(|f| f == CONTROLLER_FINALIZER)
+}
+
+/// The Server a container is placed on (`status.server` while it holds a reservation), or the
+/// one its `spec.server` names.
+pub fn placement<'a>(
     container: &Container,
-    nodes: &[NodeFacts],
-) -> Result<String, PlacementError> {
-    match &record.server {
-        Some(server) => Ok(server.clone()),
-        None => resolve_server(&container.spec.server, nodes).map(|s| s.name),
+    servers: &'a [ServerFacts],
+) -> Result<&'a ServerFacts, PlacementError> {
+    let status = container.status.as_ref();
+    match status.and_then(|s| s.server.as_deref()) {
+        Some(server) if status.is_some_and(|s| s.reserved.is_some()) => {
+            resolve_server(server, servers)
+        }
+        _ => resolve_server(&container.spec.server, servers),
     }
 }
 
-/// The Customer whose namespace holds the container, and whether it owns `server`.
-fn ownership(customers: &[Arc<Customer>], namespace: &str, server: &str) -> Option<PlacementError> {
-    let mut owners: Vec<&Arc<Customer>> = customers
+/// Whether the Customer whose namespace holds the container owns `server`. Several Customers
+/// claiming one namespace: the earliest keeps it (the Customer reconciler refuses the others).
+pub fn ownership(
+    customers: &[Arc<Customer>],
+    namespace: &str,
+    server: &str,
+) -> Option<PlacementError> {
+    let owner = customers
         .iter()
         .filter(|c| c.namespace_name() == namespace && c.metadata.deletion_timestamp.is_none())
-        .collect();
-    owners.sort_by_key(|c| key_of(c.as_ref()));
-    match owners.first() {
+        .min_by_key(|c| key_of(c.as_ref()));
+    match owner {
         Some(customer) => check_owner(&customer.name_any(), &customer.spec.servers, server).err(),
         None => Some(PlacementError::NotOwner {
             customer: format!("(no Customer has namespace {namespace})"),
@@ -187,300 +158,566 @@ fn ownership(customers: &[Arc<Customer>], namespace: &str, server: &str) -> Opti
     }
 }
 
-/// How long after its creation second a new container waits before it may be admitted.
-///
-/// `creationTimestamp` has one-second resolution and containers created in the same second can
-/// reach the watch cache in any order. Admitting one as soon as it is seen would let a later
-/// name win over an earlier one that is still on its way, and an admitted container is never
-/// evicted. Waiting until its creation second is over (plus the time the watch needs to
-/// deliver) makes every container of that second part of the same pass, so the order of
-/// creationTimestamp, then namespace/name decides, not the order of arrival. Clock skew between
-/// the API server and the controller only weakens that ordering, never the capacity invariant.
-pub const ADMISSION_SETTLE: Duration = Duration::from_secs(2);
+/// Everything one pass decides from: the Server as read from the API and what the caches say
+/// about its containers.
+struct Resolved {
+    server: Server,
+    facts: ServerFacts,
+    node: Option<Arc<Node>>,
+    /// The containers placed on the server or named by its ledger, by object uid.
+    containers: BTreeMap<String, Arc<Container>>,
+    /// Why a container may get nothing new (ownership, missing Node), by object uid.
+    blocked: HashMap<String, PlacementError>,
+}
 
-/// Makes sure an admission pass for `server` runs after this call: runs one, or waits for one
-/// that started after this call and covers it (a burst of reconciles of one server's containers
-/// shares a few passes instead of running one each). Returns when the pass should run again
-/// because a new container was too young to be decided.
-pub async fn admit_server(ctx: &Context, server: &str) -> Result<Option<Duration>, Error> {
-    let passes = ctx.admission.lock_for(server);
-    let ticket = passes.requested.fetch_add(1, Ordering::SeqCst) + 1;
-    let mut last = passes.last.lock().await;
-    if last.covered >= ticket {
-        return Ok(last
-            .again_at
-            .map(|at| at.saturating_duration_since(Instant::now())));
+/// Reconciles one Server: one admission pass, committed, projected and reported.
+pub async fn reconcile(server: Arc<Server>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("server");
+    ctx.wait_synced().await;
+    let Some(pass) = commit(&ctx, &server.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    project(&ctx, &pass).await?;
+    report(&ctx, &pass).await;
+    // Containers that could get no uid are decided again soon: restoring the uid record is not
+    // an event this reconciler sees.
+    if pass.waiting_for_uids {
+        return Ok(Action::requeue(UID_RETRY));
     }
-    // Every ticket taken so far is covered: the caches are read after this point.
-    let covering = passes.requested.load(Ordering::SeqCst);
-    let (again, events) = admission_pass(ctx, server).await?;
-    last.covered = covering;
-    last.again_at = again.map(|wait| Instant::now() + wait);
-    drop(last);
-    // Events are published outside the server's critical section.
+    Ok(Action::requeue(RESYNC))
+}
+
+/// How soon a pass that could hand out no uid runs again.
+const UID_RETRY: Duration = Duration::from_secs(5);
+
+/// A committed pass: the ledger revision written (or found current) and what each container's
+/// status should say about it.
+pub struct Committed {
+    server: Server,
+    admission: Admission,
+    projections: Vec<(Arc<Container>, AdmissionRecord, Option<Change>)>,
+    waiting_for_uids: bool,
+}
+
+/// Runs read → decide → compare-and-swap until a revision is committed (or found current).
+async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
+    let api: Api<Server> = Api::all(ctx.client.clone());
+    let timer = ctx.metrics.admission_pass_started();
+    // uids allocated by this pass but not committed yet (a conflict retries with them, so a
+    // burst of conflicts does not burn the uid space).
+    let mut allocated: HashMap<String, i64> = HashMap::new();
+    loop {
+        // A quorum read: never decide on a stale revision of the ledger.
+        let Some(server) = api.get_opt(name).await? else {
+            return Ok(None);
+        };
+        let resolved = resolve(ctx, server).await?;
+        let mut plan = decide(ctx, &resolved, &allocated);
+        if !plan.needing.is_empty() {
+            allocate(ctx, &resolved, &mut plan, &mut allocated).await?;
+        }
+        let status = build_status(&resolved, &plan);
+        let server = resolved.server.clone();
+        if server.status.as_ref() == Some(&status) {
+            drop(timer);
+            return Ok(Some(plan.into_committed(server, &ctx.config.home_root)));
+        }
+        let mut next = server.clone();
+        next.status = Some(status);
+        match api
+            .replace_status(name, &PostParams::default(), &next)
+            .await
+        {
+            Ok(written) => {
+                ctx.metrics.status_written();
+                debug!(server = name, revision = ?written.resource_version(), "ledger committed");
+                drop(timer);
+                return Ok(Some(plan.into_committed(written, &ctx.config.home_root)));
+            }
+            // Someone else committed first (or our own earlier write landed and its reply was
+            // lost): decide again on the new revision.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!(server = name, "ledger conflict; deciding again");
+                ctx.metrics.ledger_conflict();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads what the decision needs besides the Server: its Node, its containers (from the index;
+/// ledger entries the cache does not know are looked up in the API) and their owners.
+async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
+    let name = server.name_any();
+    let node = ctx.nodes.get(&ObjectRef::new(&name));
+    let facts = server_facts(&server, node.as_deref());
+
+    let mut containers: BTreeMap<String, Arc<Container>> = BTreeMap::new();
+    let mut keys = vec![crate::context::server_key(&name)];
+    if let Some(address) = &facts.address {
+        keys.push(crate::context::server_key(address));
+    }
+    let servers = [facts.clone()];
+    for key in keys {
+        for reference in ctx.container_index.get(&key) {
+            let Some(container) = ctx.containers.get(&reference) else {
+                continue;
+            };
+            // An address can name several servers: what names this one by address is ours only
+            // if the address resolves to this server among all of them.
+            let ours = match placement(&container, &servers) {
+                Ok(found) if found.name == name => {
+                    container.spec.server == name
+                        || container.status.as_ref().and_then(|s| s.server.as_deref())
+                            == Some(name.as_str())
+                        || resolve_server(&container.spec.server, &ctx.all_server_facts())
+                            .is_ok_and(|s| s.name == name)
+                }
+                _ => false,
+            };
+            if ours {
+                containers.insert(object_uid(&container), container);
+            }
+        }
+    }
+    // A ledger entry whose container the cache does not show (yet, or any more) is looked up:
+    // it stays until the API says its container is gone.
+    for entry in server.ledger() {
+        if containers.contains_key(&entry.object_uid) {
+            continue;
+        }
+        let api: Api<Container> = Api::namespaced(ctx.client.clone(), &entry.namespace);
+        if let Some(container) = api.get_opt(&entry.name).await?
+            && container.metadata.uid.as_deref() == Some(entry.object_uid.as_str())
+        {
+            containers.insert(entry.object_uid.clone(), Arc::new(container));
+        }
+    }
+
+    let customers = ctx.customers.state();
+    let mut blocked = HashMap::new();
+    for (uid, container) in &containers {
+        let namespace = container.namespace().unwrap_or_default();
+        let problem = ownership(&customers, &namespace, &name).or_else(|| {
+            node.is_none().then(|| PlacementError::NoNode {
+                server: name.clone(),
+            })
+        });
+        if let Some(problem) = problem {
+            blocked.insert(uid.clone(), problem);
+        }
+    }
+    Ok(Resolved {
+        server,
+        facts,
+        node,
+        containers,
+        blocked,
+    })
+}
+
+/// One pass's decision before its uids are known.
+struct Plan {
+    admission: Admission,
+    /// The candidates, by object uid, with their ordering key.
+    keys: HashMap<String, ObjectKey>,
+    /// uid of each container that holds or gets a reservation, when known.
+    uids: HashMap<String, i64>,
+    /// Admitted containers that have no uid yet.
+    needing: Vec<String>,
+    /// Why containers admitted by the decision still get nothing (no uid could be had).
+    unassigned: HashMap<String, String>,
+    containers: BTreeMap<String, Arc<Container>>,
+}
+
+/// The pure part: candidates from the ledger and the containers, decided by [`admit`].
+fn decide(ctx: &Context, resolved: &Resolved, allocated: &HashMap<String, i64>) -> Plan {
+    let ledger: HashMap<&str, &LedgerEntry> = resolved
+        .server
+        .ledger()
+        .iter()
+        .map(|e| (e.object_uid.as_str(), e))
+        .collect();
+    let mut candidates = Vec::new();
+    let mut keys = HashMap::new();
+    let mut uids = HashMap::new();
+    let mut containers = BTreeMap::new();
+    for (uid, container) in &resolved.containers {
+        let entry = ledger.get(uid.as_str());
+        let held = entry.map(|e| Resources::new(e.memory.max(0) as u64, e.storage.max(0) as u64));
+        let deleting = container.metadata.deletion_timestamp.is_some();
+        // Nothing new for a container being deleted, one this controller released (a stale
+        // cache may still show it), or one not yet holding the finalizer (its release could
+        // otherwise be skipped).
+        if held.is_none() && (deleting || !has_finalizer(container) || ctx.released.contains(uid)) {
+            continue;
+        }
+        let key = key_of(container.as_ref());
+        candidates.push(Candidate {
+            key: key.clone(),
+            requested: if deleting {
+                held.unwrap_or(Resources::ZERO)
+            } else {
+                requested(container)
+            },
+            reserved: held,
+            blocked: resolved.blocked.get(uid).cloned(),
+        });
+        keys.insert(uid.clone(), key);
+        // The identity a container has is its own for ever: the ledger's, else its status'
+        // (a ledger that lost its entry), else one allocated by this pass.
+        let known = entry
+            .map(|e| e.uid)
+            .or_else(|| own_status_uid(ctx, uid, container))
+            .or_else(|| allocated.get(uid).copied());
+        if let Some(known) = known {
+            uids.insert(uid.clone(), known);
+        }
+        containers.insert(uid.clone(), Arc::clone(container));
+    }
+    let admission = admit(&resolved.facts.server(), &candidates);
+    let by_key: HashMap<&ObjectKey, &String> = keys.iter().map(|(u, k)| (k, u)).collect();
+    let needing = admission
+        .decisions
+        .iter()
+        .filter(|d| d.reserved.is_some())
+        .filter_map(|d| by_key.get(&d.key).copied())
+        .filter(|uid| !uids.contains_key(*uid))
+        .cloned()
+        .collect();
+    Plan {
+        admission,
+        keys,
+        uids,
+        needing,
+        unassigned: HashMap::new(),
+        containers,
+    }
+}
+
+/// A container's `status.uid` when no ledger has an entry for it (a Server deleted and declared
+/// again): it is kept, as the schema wants, unless another container's ledger entry holds it.
+fn own_status_uid(ctx: &Context, object: &str, container: &Container) -> Option<i64> {
+    let uid = container.status.as_ref()?.uid?;
+    let taken = ctx.servers.state().iter().any(|s| {
+        s.ledger()
+            .iter()
+            .any(|e| e.uid == uid && e.object_uid != object)
+    });
+    (!taken).then_some(uid)
+}
+
+/// The highest uid recorded anywhere the controller can see: every Server's `highestUid` and
+/// ledger, and this pass's containers. Allocation starts above it whatever the record says.
+fn uid_floor(ctx: &Context, resolved: &Resolved) -> u32 {
+    let servers = ctx.servers.state();
+    let recorded = servers
+        .iter()
+        .map(|s| s.as_ref())
+        .chain(std::iter::once(&resolved.server))
+        .flat_map(|s| {
+            let status = s.status.as_ref();
+            status
+                .and_then(|st| st.highest_uid)
+                .into_iter()
+                .chain(s.ledger().iter().map(|e| e.uid))
+        });
+    let seen = resolved
+        .containers
+        .values()
+        .filter_map(|c| c.status.as_ref().and_then(|s| s.uid));
+    recorded
+        .chain(seen)
+        .filter_map(|uid| u32::try_from(uid).ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Allocates uids for the plan's new reservations; when none can be had (the uid record is
+/// missing), those containers get nothing and are told why.
+async fn allocate(
+    ctx: &Context,
+    resolved: &Resolved,
+    plan: &mut Plan,
+    allocated: &mut HashMap<String, i64>,
+) -> Result<(), Error> {
+    let needing: Vec<ObjectKey> = plan.needing.iter().map(|u| plan.keys[u].clone()).collect();
+    match ctx.uids.allocate(uid_floor(ctx, resolved), &needing).await {
+        Ok(allocation) => {
+            let by_key: HashMap<&ObjectKey, &String> =
+                plan.keys.iter().map(|(u, k)| (k, u)).collect();
+            for (key, uid) in allocation.assignments {
+                if let Some(object) = by_key.get(&key) {
+                    allocated.insert((*object).clone(), i64::from(uid));
+                    plan.uids.insert((*object).clone(), i64::from(uid));
+                }
+            }
+            Ok(())
+        }
+        Err(e @ (UidStoreError::RecordMissing { .. } | UidStoreError::Corrupt { .. })) => {
+            warn!(error = %e, "no uid can be handed out");
+            ctx.metrics.admission_failed();
+            for uid in &plan.needing {
+                plan.unassigned.insert(uid.clone(), e.to_string());
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn mb(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn capacity(capacity: u64, reserved: u64) -> Capacity {
+    Capacity {
+        capacity: mb(capacity),
+        reserved: mb(reserved),
+        free: mb(capacity.saturating_sub(reserved)),
+    }
+}
+
+/// The ledger a plan commits: one entry per container holding a reservation and a uid, in
+/// namespace/name order so that an unchanged decision writes an identical status.
+fn ledger_of(plan: &Plan) -> Vec<LedgerEntry> {
+    let by_key: HashMap<&ObjectKey, &String> = plan.keys.iter().map(|(u, k)| (k, u)).collect();
+    let mut ledger: Vec<LedgerEntry> = plan
+        .admission
+        .decisions
+        .iter()
+        .filter_map(|d| {
+            let reserved = d.reserved?;
+            let object = *by_key.get(&d.key)?;
+            let uid = *plan.uids.get(object)?;
+            if plan.unassigned.contains_key(object) {
+                return None;
+            }
+            Some(LedgerEntry {
+                object_uid: object.clone(),
+                namespace: d.key.namespace.clone(),
+                name: d.key.name.clone(),
+                uid,
+                memory: mb(reserved.memory_mb),
+                storage: mb(reserved.storage_mb),
+            })
+        })
+        .collect();
+    ledger.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    ledger
+}
+
+/// The Server status of a ledger: capacity, reservations and what is free, the highest uid,
+/// the address and `Ready`.
+pub fn summarise(
+    server: &Server,
+    facts: &ServerFacts,
+    node_exists: bool,
+    ledger: Vec<LedgerEntry>,
+) -> ServerStatus {
+    let current = server.status.clone().unwrap_or_default();
+    let (memory, storage) = ledger.iter().fold((0u64, 0u64), |(m, s), e| {
+        (
+            m.saturating_add(e.memory.max(0) as u64),
+            s.saturating_add(e.storage.max(0) as u64),
+        )
+    });
+    let highest = ledger
+        .iter()
+        .map(|e| e.uid)
+        .chain(current.highest_uid)
+        .max();
+    let usage = Usage {
+        server: facts.name.clone(),
+        capacity: facts.capacity,
+        used: Resources::new(memory, storage),
+        free: Resources::new(
+            facts.capacity.memory_mb.saturating_sub(memory),
+            facts.capacity.storage_mb.saturating_sub(storage),
+        ),
+        containers: ledger.len(),
+    };
+    let ready = match (node_exists, usage.overcommit_message()) {
+        (false, _) => Desired::no(
+            READY,
+            "NodeMissing",
+            format!(
+                "no Node named {} exists: nothing runs here and nothing new is admitted",
+                facts.name
+            ),
+        ),
+        (true, Some(message)) => Desired::no(READY, "Overcommitted", message),
+        (true, None) => Desired::yes(READY, "Admitting", "the ledger is current"),
+    };
+    ServerStatus {
+        containers: Some(ledger.len() as i64),
+        ledger,
+        highest_uid: highest,
+        memory: Some(capacity(facts.capacity.memory_mb, memory)),
+        storage: Some(capacity(facts.capacity.storage_mb, storage)),
+        address: facts.address.clone(),
+        observed_generation: server.metadata.generation,
+        conditions: vec![ready.to_condition(&current.conditions, server.metadata.generation)],
+    }
+}
+
+fn build_status(resolved: &Resolved, plan: &Plan) -> ServerStatus {
+    summarise(
+        &resolved.server,
+        &resolved.facts,
+        resolved.node.is_some(),
+        ledger_of(plan),
+    )
+}
+
+impl Plan {
+    /// What each container's status says once `server` (the committed revision) is current.
+    fn into_committed(self, server: Server, home_root: &std::path::Path) -> Committed {
+        let name = server.name_any();
+        let address = server.status.as_ref().and_then(|s| s.address.clone());
+        let ledger: HashMap<&str, &LedgerEntry> = server
+            .ledger()
+            .iter()
+            .map(|e| (e.object_uid.as_str(), e))
+            .collect();
+        let by_key: HashMap<&ObjectKey, &String> = self.keys.iter().map(|(u, k)| (k, u)).collect();
+        let mut projections = Vec::new();
+        for decision in &self.admission.decisions {
+            let Some(object) = by_key.get(&decision.key).copied() else {
+                continue;
+            };
+            let container = &self.containers[object];
+            if container.metadata.deletion_timestamp.is_some() {
+                // Its status no longer matters to anyone but the finalizer.
+                continue;
+            }
+            let current = AdmissionRecord::cached(container);
+            let entry = ledger.get(object.as_str());
+            let (status, reason, message) = match (&decision.outcome, self.unassigned.get(object)) {
+                (_, Some(why)) => (false, "UidUnavailable".to_string(), why.clone()),
+                (Outcome::Admitted(_), None) if entry.is_some() => (
+                    true,
+                    "Admitted".to_string(),
+                    format!(
+                        "server {name}: reserved {} MB memory and {} MB storage",
+                        entry.map_or(0, |e| e.memory),
+                        entry.map_or(0, |e| e.storage)
+                    ),
+                ),
+                (Outcome::Admitted(_), None) => continue,
+                (Outcome::Refused(refusal), None) => {
+                    (false, refusal.reason().to_string(), refusal.to_string())
+                }
+            };
+            let uid = entry.map(|e| e.uid).or(current.uid);
+            let desired = AdmissionRecord {
+                uid,
+                // While it held a reservation the server stays (the schema refuses a change).
+                server: match entry {
+                    Some(_) => Some(name.clone()),
+                    None => current
+                        .server
+                        .clone()
+                        .filter(|_| current.reserved.is_some()),
+                },
+                address: entry.and(address.clone()),
+                home: entry
+                    .and_then(|e| u32::try_from(e.uid).ok())
+                    .and_then(|uid| uwsgi_it_domain::paths::home_dir(home_root, uid).ok())
+                    .map(|p| p.display().to_string()),
+                reserved: entry.map(|e| Reservation {
+                    memory: e.memory,
+                    storage: e.storage,
+                }),
+                admitted: Some((status, reason, message)),
+                observed_generation: container.metadata.generation,
+            };
+            let change = match &decision.outcome {
+                Outcome::Admitted(change) => Some(*change),
+                Outcome::Refused(_) => None,
+            };
+            if desired != current {
+                projections.push((Arc::clone(container), desired, change));
+            }
+        }
+        Committed {
+            server,
+            admission: self.admission,
+            projections,
+            waiting_for_uids: !self.unassigned.is_empty(),
+        }
+    }
+}
+
+/// Writes the containers' statuses the committed ledger implies; Events for changed reasons.
+async fn project(ctx: &Context, pass: &Committed) -> Result<(), Error> {
+    let results: Vec<Result<Option<(ObjectReference, Event)>, Error>> =
+        stream::iter(pass.projections.iter().cloned())
+            .map(|(container, desired, change)| async move {
+                write_admission(ctx, &container, &desired, change).await
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+    let mut first_error = None;
+    let mut events = Vec::new();
+    for result in results {
+        match result {
+            Ok(event) => events.extend(event),
+            // One container that cannot be written never holds back the others.
+            Err(e) => {
+                warn!(error = %e, "writing a container's admission status failed");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
     stream::iter(events)
         .for_each_concurrent(WRITES_IN_FLIGHT, |(reference, event)| async move {
             ctx.publish(&reference, event).await;
         })
         .await;
-    Ok(again)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-/// Events an admission pass wants published.
-type Events = Vec<(ObjectReference, Event)>;
-
-/// How long until a container created in second `created` may be decided (`None`: now).
-/// Millisecond-exact, so a burst is decided right when its creation second has settled.
-fn settle_wait(created: i64, now_ms: i64) -> Option<Duration> {
-    let settled_at_ms = created
-        .saturating_add(ADMISSION_SETTLE.as_secs() as i64)
-        .saturating_mul(1000);
-    // A few milliseconds late rather than early: an early wake-up finds it still young.
-    (settled_at_ms > now_ms)
-        .then(|| Duration::from_millis(u64::try_from(settled_at_ms - now_ms).unwrap_or(0) + 5))
-}
-
-/// One admission pass for `server` (the caller holds the server's lock).
-async fn admission_pass(ctx: &Context, server: &str) -> Result<(Option<Duration>, Events), Error> {
-    let timer = ctx.metrics.admission_pass_started();
-
-    let nodes: Vec<Arc<Node>> = ctx.nodes.state();
-    let node_facts: Vec<NodeFacts> = nodes.iter().map(|n| node_facts(n)).collect();
-    let customers = ctx.customers.state();
-    let containers = ctx.containers.state();
-    ctx.admission
-        .forget_dead(&containers.iter().map(|c| uid_of(c)).collect());
-
-    let now_ms = Timestamp::now().as_millisecond();
-    let mut again: Option<Duration> = None;
-    let mut records: HashMap<String, AdmissionRecord> = HashMap::new();
-    let mut on_server: Vec<(&Arc<Container>, ObjectKey)> = Vec::new();
-    let mut candidates = Vec::new();
-    for container in &containers {
-        let record = ctx.admission.effective(container);
-        if !ctx.admission.is_released(container)
-            && placement(&record, container, &node_facts).as_deref() == Ok(server)
-        {
-            let held = record.reserved_resources();
-            let deleting = container.metadata.deletion_timestamp.is_some();
-            // A container being deleted keeps what it holds until its finalizer is gone, and
-            // asks for nothing new.
-            let key = key_of(container.as_ref());
-            let wait = settle_wait(key.created, now_ms).filter(|_| held.is_none() && !deleting);
-            let young = wait.is_some();
-            if let Some(wait) = wait {
-                again = Some(again.map_or(wait, |w| w.min(wait)));
-            }
-            if !young && (held.is_some() || !deleting) {
-                let namespace = container.namespace().unwrap_or_default();
-                candidates.push(Candidate {
-                    key: key.clone(),
-                    requested: if deleting {
-                        held.unwrap_or(Resources::ZERO)
-                    } else {
-                        requested(container)
-                    },
-                    reserved: held,
-                    blocked: ownership(&customers, &namespace, server),
-                });
-                on_server.push((container, key));
-            }
-        }
-        records.insert(uid_of(container), record);
-    }
-
-    let resolved = resolve_server(server, &node_facts);
-    let address = nodes
-        .iter()
-        .find(|n| n.name_any() == server)
-        .and_then(|n| crate::facts::node_address(n));
-    let admission = match resolved {
-        Ok(server) => admit(&server, &candidates),
-        Err(problem) => {
-            // The node stopped being a usable server (label or annotations removed). Nothing
-            // is evicted: holders keep their reservations; the rest are told why.
-            let events = refuse_all_new(ctx, &on_server, &records, &problem).await?;
-            return Ok((again, events));
-        }
-    };
-    ctx.metrics.record_usage(&admission.usage);
-
-    let by_key: HashMap<&ObjectKey, &Arc<Container>> =
-        on_server.iter().map(|(c, k)| (k, *c)).collect();
-    let needing: Vec<ObjectKey> = admission
-        .decisions
-        .iter()
-        .filter(|d| d.is_admitted())
-        .filter(|d| {
-            by_key
-                .get(&d.key)
-                .is_some_and(|c| records[&uid_of(c)].uid.is_none())
-        })
-        .map(|d| d.key.clone())
-        .collect();
-    let mut new_uids: HashMap<ObjectKey, u32> = HashMap::new();
-    if !needing.is_empty() {
-        let in_use: Vec<u32> = records
-            .values()
-            .filter_map(|r| r.uid)
-            .filter_map(|uid| u32::try_from(uid).ok())
-            .collect();
-        let allocation = ctx.uids.allocate(&in_use, &needing).await?;
-        new_uids.extend(allocation.assignments);
-    }
-
-    let mut releases = Vec::new();
-    let mut grants = Vec::new();
-    for decision in &admission.decisions {
-        let Some(container) = by_key.get(&decision.key) else {
-            continue;
-        };
-        let current = &records[&uid_of(container)];
-        let uid = current
-            .uid
-            .or_else(|| new_uids.get(&decision.key).map(|u| i64::from(*u)));
-        let reserved = decision.reserved.map(|r| Reservation {
-            memory: r.memory_mb as i64,
-            storage: r.storage_mb as i64,
-        });
-        let holds = reserved.is_some() && uid.is_some();
-        let (status, reason, message) = match &decision.outcome {
-            Outcome::Admitted(_) => (
-                true,
-                "Admitted".to_string(),
-                format!(
-                    "server {server}: reserved {} MB memory and {} MB storage",
-                    decision.reserved.map_or(0, |r| r.memory_mb),
-                    decision.reserved.map_or(0, |r| r.storage_mb)
-                ),
-            ),
-            Outcome::Refused(refusal) => (false, refusal.reason().to_string(), refusal.to_string()),
-        };
-        let desired = AdmissionRecord {
-            uid,
-            server: holds.then(|| server.to_string()),
-            address: if holds { address.clone() } else { None },
-            home: match (holds, uid) {
-                (true, Some(uid)) => home_of(ctx, uid),
-                _ => None,
-            },
-            reserved,
-            admitted: Some((status, reason, message)),
-            observed_generation: container.metadata.generation,
-        };
-        if desired == *current {
-            continue;
-        }
-        let shrinks = match (current.reserved_resources(), decision.reserved) {
-            (Some(old), Some(new)) => !old.fits_within(&new),
-            (Some(_), None) => true,
-            _ => false,
-        };
-        let change = match &decision.outcome {
-            Outcome::Admitted(change) => Some(*change),
-            Outcome::Refused(_) => None,
-        };
-        let write = (Arc::clone(container), desired, change);
-        if shrinks {
-            releases.push(write);
-        } else {
-            grants.push(write);
-        }
-    }
-    // Releases first: if one fails, nothing is granted on top of a reservation still held.
-    // Within each group the writes are independent and go out together.
-    let mut events = Vec::new();
-    for group in [releases, grants] {
-        let written: Vec<Option<(ObjectReference, Event)>> = stream::iter(group)
-            .map(|(container, desired, change)| {
-                let current = &records[&uid_of(&container)];
-                async move { write_admission(ctx, &container, current, desired, change).await }
-            })
-            .buffer_unordered(WRITES_IN_FLIGHT)
-            .try_collect()
-            .await?;
-        events.extend(written.into_iter().flatten());
-    }
-    debug!(
-        server,
-        containers = admission.decisions.len(),
-        "admission pass"
-    );
-    drop(timer);
-    report_overcommit(ctx, server, &admission, &nodes).await;
-    Ok((again, events))
-}
-
-fn home_of(ctx: &Context, uid: i64) -> Option<String> {
-    let uid = u32::try_from(uid).ok()?;
-    uwsgi_it_domain::paths::home_dir(&ctx.config.home_root, uid)
-        .ok()
-        .map(|p| p.display().to_string())
-}
-
-async fn refuse_all_new(
-    ctx: &Context,
-    on_server: &[(&Arc<Container>, ObjectKey)],
-    records: &HashMap<String, AdmissionRecord>,
-    problem: &PlacementError,
-) -> Result<Events, Error> {
-    let mut events = Vec::new();
-    for (container, _) in on_server {
-        let current = &records[&uid_of(container)];
-        if current.reserved.is_some() {
-            continue;
-        }
-        events.extend(refuse(ctx, container, current, problem).await?);
-    }
-    Ok(events)
-}
-
-/// Writes `Admitted=False` for a container that cannot be placed at all (unknown server, not
-/// a server, no capacity, not owned) and holds nothing.
+/// Writes `Admitted=False` for a container that cannot be placed at all (no Server of that
+/// name or address, or an ambiguous address) and holds nothing.
 pub async fn refuse_unplaced(
     ctx: &Context,
     container: &Container,
     problem: &PlacementError,
 ) -> Result<(), Error> {
-    let passes = ctx.admission.lock_for("");
-    let serialised = passes.last.lock().await;
-    let current = ctx.admission.effective(container);
-    let event = refuse(ctx, container, &current, problem).await?;
-    drop(serialised);
-    if let Some((reference, event)) = event {
-        ctx.publish(&reference, event).await;
-    }
-    Ok(())
-}
-
-async fn refuse(
-    ctx: &Context,
-    container: &Container,
-    current: &AdmissionRecord,
-    problem: &PlacementError,
-) -> Result<Option<(ObjectReference, Event)>, Error> {
+    let current = AdmissionRecord::cached(container);
     let desired = AdmissionRecord {
         uid: current.uid,
-        server: None,
+        server: current
+            .server
+            .clone()
+            .filter(|_| current.reserved.is_some()),
         address: None,
         home: None,
         reserved: None,
         admitted: Some((false, problem.reason().to_string(), problem.to_string())),
         observed_generation: container.metadata.generation,
     };
-    if desired == *current {
-        return Ok(None);
+    if desired == current {
+        return Ok(());
     }
-    write_admission(ctx, container, current, desired, None).await
+    if let Some((reference, event)) = write_admission(ctx, container, &desired, None).await? {
+        ctx.publish(&reference, event).await;
+    }
+    Ok(())
 }
 
 async fn write_admission(
     ctx: &Context,
     container: &Container,
-    current: &AdmissionRecord,
-    desired: AdmissionRecord,
+    desired: &AdmissionRecord,
     change: Option<Change>,
 ) -> Result<Option<(ObjectReference, Event)>, Error> {
+    let current = AdmissionRecord::cached(container);
     let (status, reason, message) = desired.admitted.clone().unwrap_or_default();
     let condition = Desired {
         type_: ADMITTED,
@@ -488,9 +725,8 @@ async fn write_admission(
         reason: reason.clone(),
         message: message.clone(),
     };
-    let existing = container.conditions();
     let mut body = json!({
-        "conditions": [condition.to_condition(existing, container.metadata.generation)],
+        "conditions": [condition.to_condition(container.conditions(), container.metadata.generation)],
         "observedGeneration": desired.observed_generation,
     });
     for (field, value) in [
@@ -509,70 +745,97 @@ async fn write_admission(
         &container.namespace().unwrap_or_default(),
     );
     apply_status(&api, container, ADMISSION_MANAGER, body).await?;
-    ctx.admission
-        .overlay
-        .record(&uid_of(container), desired.clone());
     ctx.metrics.status_written();
 
-    let was = current
-        .admitted
-        .as_ref()
-        .map(|(s, r, m)| (*s, r.clone(), m.clone()));
-    if was.as_ref() != Some(&(status, reason.clone(), message.clone())) {
-        let (type_, action) = match (status, change) {
-            (true, Some(Change::Resized { .. })) => (EventType::Normal, "Resize"),
-            (true, _) => (EventType::Normal, "Admit"),
-            (false, _) => (EventType::Warning, "Refuse"),
-        };
-        let reason = match (status, change) {
-            (true, Some(Change::Resized { .. })) => "Resized".to_string(),
-            _ => reason,
-        };
-        info!(
-            container = %container.name_any(),
-            namespace = %container.namespace().unwrap_or_default(),
-            admitted = status,
-            %reason,
-            %message,
-            "admission decision"
-        );
-        return Ok(Some((
-            container.object_ref(&()),
-            Event {
-                type_,
-                reason,
-                note: Some(message),
-                action: action.into(),
-                secondary: None,
-            },
-        )));
+    let was = current.admitted.as_ref().map(|(s, r, _)| (*s, r.clone()));
+    if was == Some((status, reason.clone())) {
+        return Ok(None);
     }
-    Ok(None)
+    let (type_, action, reason) = match (status, change) {
+        (true, Some(Change::Resized { .. })) => (EventType::Normal, "Resize", "Resized".into()),
+        (true, _) => (EventType::Normal, "Admit", reason),
+        (false, _) => (EventType::Warning, "Refuse", reason),
+    };
+    info!(
+        container = %container.name_any(),
+        namespace = %container.namespace().unwrap_or_default(),
+        admitted = status,
+        %reason,
+        %message,
+        "admission decision"
+    );
+    Ok(Some((
+        container.object_ref(&()),
+        Event {
+            type_,
+            reason,
+            note: Some(message),
+            action: action.into(),
+            secondary: None,
+        },
+    )))
 }
 
-async fn report_overcommit(
-    ctx: &Context,
-    server: &str,
-    admission: &Admission,
-    nodes: &[Arc<Node>],
-) {
-    let Some(message) = admission.usage.overcommit_message() else {
+/// Usage metrics, and a Warning Event on the Server when its `Ready` reason changes.
+async fn report(ctx: &Context, pass: &Committed) {
+    ctx.metrics.record_usage(&pass.admission.usage);
+    let Some(ready) = condition::find(pass.server.conditions(), READY) else {
         return;
     };
-    let Some(node) = nodes.iter().find(|n| n.name_any() == server) else {
+    let name = pass.server.name_any();
+    if !ctx.note_server_reason(&name, &ready.reason) || ready.status == "True" {
         return;
-    };
-    if ctx.note_overcommit(server, &message) {
-        ctx.publish(
-            &node.object_ref(&()),
-            Event {
-                type_: EventType::Warning,
-                reason: "Overcommitted".into(),
-                note: Some(message),
-                action: "Admit".into(),
-                secondary: None,
-            },
-        )
-        .await;
     }
+    ctx.publish(
+        &pass.server.object_ref(&()),
+        Event {
+            type_: EventType::Warning,
+            reason: ready.reason.clone(),
+            note: Some(ready.message.clone()),
+            action: "Admit".into(),
+            secondary: None,
+        },
+    )
+    .await;
+}
+
+/// Removes a container's entry from its Server's ledger (compare-and-swap, retried on
+/// conflict). Done before the finalizer goes: a reservation is never freed in memory only.
+pub async fn release(ctx: &Context, server: &str, container: &Container) -> Result<(), Error> {
+    let api: Api<Server> = Api::all(ctx.client.clone());
+    let uid = object_uid(container);
+    loop {
+        let Some(current) = api.get_opt(server).await? else {
+            break;
+        };
+        if !current.ledger().iter().any(|e| e.object_uid == uid) {
+            break;
+        }
+        let node = ctx.nodes.get(&ObjectRef::new(server));
+        let facts = server_facts(&current, node.as_deref());
+        let ledger = current
+            .ledger()
+            .iter()
+            .filter(|e| e.object_uid != uid)
+            .cloned()
+            .collect();
+        let mut next = current.clone();
+        next.status = Some(summarise(&current, &facts, node.is_some(), ledger));
+        match api
+            .replace_status(server, &PostParams::default(), &next)
+            .await
+        {
+            Ok(_) => {
+                ctx.metrics.status_written();
+                info!(container = %container.name_any(), server, "released the reservation");
+                break;
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                ctx.metrics.ledger_conflict();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ctx.released.insert(&uid);
+    Ok(())
 }

@@ -1,4 +1,10 @@
-//! The Container reconciler: finalizer, admission, workload, deletion.
+//! The Container reconciler: finalizer, workload, deletion.
+//!
+//! Admission is the Server reconciler's (it alone writes the ledger); this one makes sure a
+//! container carries the finalizer before it can be admitted, refuses what names no Server,
+//! runs the workload of an admitted container (the projection in its status), and on deletion
+//! stops the Pod, waits for the agent to release the home, commits the release to the ledger
+//! and only then lets the container go.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,18 +15,17 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 use uwsgi_it_api::Container;
 use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
-use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
-use uwsgi_it_domain::capacity::{NodeFacts, resolve_server};
+use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, FORCE_RELEASE_ANNOTATION};
 use uwsgi_it_domain::distro::check_custom_distro;
 
 use crate::Error;
-use crate::admission::{AdmissionRecord, admit_server, placement, refuse_unplaced};
+use crate::admission::{AdmissionRecord, placement, refuse_unplaced, release};
 use crate::context::Context;
-use crate::facts::{container_facts, distro_facts, node_facts};
+use crate::facts::{container_facts, distro_facts};
 use crate::status::{Desired, WORKLOAD_MANAGER, apply_status};
 use crate::workload::{SPEC_HASH_ANNOTATION, WorkloadInput, build};
 
@@ -44,18 +49,23 @@ pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<A
     }
     ensure_finalizer(&container, &ctx).await?;
 
-    let nodes: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
-    let record = ctx.admission.effective(&container);
-    let settle = match placement(&record, &container, &nodes) {
-        Ok(server) => admit_server(&ctx, &server).await?,
-        Err(problem) => {
-            refuse_unplaced(&ctx, &container, &problem).await?;
-            None
+    // Resolve: a container that names no Server (or an ambiguous address) is told so here;
+    // everything else is decided by its Server's pass.
+    let unplaced = {
+        let named = ctx.servers.get(&kube::runtime::reflector::ObjectRef::new(
+            &container.spec.server,
+        ));
+        match named {
+            Some(_) => None,
+            None => placement(&container, &ctx.all_server_facts()).err(),
         }
     };
-    let record = ctx.admission.effective(&container);
+    if let Some(problem) = unplaced {
+        refuse_unplaced(&ctx, &container, &problem).await?;
+    }
+    let record = AdmissionRecord::cached(&container);
     reconcile_workload(&container, &record, &ctx).await?;
-    Ok(Action::requeue(settle.unwrap_or(RESYNC)))
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn ensure_finalizer(container: &Container, ctx: &Context) -> Result<(), Error> {
@@ -79,6 +89,7 @@ async fn ensure_finalizer(container: &Container, ctx: &Context) -> Result<(), Er
             &Patch::Merge(&patch),
         )
         .await?;
+    ctx.metrics.finalizer_written();
     Ok(())
 }
 
@@ -113,12 +124,10 @@ async fn reconcile_workload(
     let facts: Vec<_> = if distros.is_empty() {
         Vec::new()
     } else {
-        ctx.containers
-            .state()
+        ctx.containers_in(&namespace)
             .iter()
-            .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
             .map(|c| {
-                let r = ctx.admission.effective(c);
+                let r = AdmissionRecord::cached(c);
                 container_facts(c, r.server.clone(), r.is_admitted())
             })
             .collect()
@@ -297,13 +306,11 @@ fn plan_workload(
         (Some(accepted), Some(name)) => {
             let storage_uid = ctx
                 .containers
-                .state()
-                .iter()
-                .find(|c| {
-                    c.namespace() == container.namespace()
-                        && c.name_any() == accepted.storage_container
-                })
-                .and_then(|c| ctx.admission.effective(c).uid)
+                .get(
+                    &kube::runtime::reflector::ObjectRef::new(&accepted.storage_container)
+                        .within(&container.namespace().unwrap_or_default()),
+                )
+                .and_then(|c| AdmissionRecord::cached(&c).uid)
                 .and_then(|u| u32::try_from(u).ok());
             let path = distros
                 .iter()
@@ -468,7 +475,7 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
         let body = json!({"conditions": [stopped.to_condition(conditions, container.metadata.generation)]});
         apply_status(&api(ctx, container), container, WORKLOAD_MANAGER, body).await?;
     }
-    let record = ctx.admission.effective(container);
+    let record = AdmissionRecord::cached(container);
     if let Some(uid) = record.uid {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
         let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -481,15 +488,59 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
         ] {
             delete_if_present(&volumes, &volume).await?;
         }
-        // The agent archives (or retains, or deletes) the home and says so on HomeReady.
-        let conditions = container.conditions();
-        let released = condition::find(conditions, HOME_READY)
-            .is_some_and(|c| c.reason == HOME_RELEASED_REASON);
-        if record.server.is_some() && !released {
-            return Ok(Action::requeue(Duration::from_secs(30)));
-        }
     }
-    ctx.admission.release(container);
+    // The agent archives (or retains, or deletes) the home and says so on HomeReady. Without
+    // an agent (the server or its Node is gone for good) the deletion completes after the
+    // release timeout, or at once when the supplier says so, with a Warning: the home stays.
+    let released = condition::find(container.conditions(), HOME_READY)
+        .is_some_and(|c| c.reason == HOME_RELEASED_REASON);
+    if record.uid.is_some() && record.server.is_some() && !released {
+        let forced = container
+            .annotations()
+            .get(FORCE_RELEASE_ANNOTATION)
+            .is_some_and(|v| v == "true");
+        let waited = container
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map(|t| {
+                let since = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                Duration::try_from(since).unwrap_or_default()
+            })
+            .unwrap_or_default();
+        let timeout = ctx.config.release_timeout;
+        if !forced && waited < timeout {
+            return Ok(Action::requeue(
+                (timeout - waited).min(Duration::from_secs(30)),
+            ));
+        }
+        let why = if forced {
+            format!("{FORCE_RELEASE_ANNOTATION} is set")
+        } else {
+            format!("no agent released it within {timeout:?}")
+        };
+        warn!(container = %name, %namespace, %why, "releasing without the agent; the home is left on the server");
+        ctx.publish(
+            &container.object_ref(&()),
+            Event {
+                type_: EventType::Warning,
+                reason: "ReleasedWithoutAgent".into(),
+                note: Some(format!(
+                    "{why}: the reservation is released; home {} is left on server {} as it is",
+                    record.home.clone().unwrap_or_default(),
+                    record.server.clone().unwrap_or_default()
+                )),
+                action: "Release".into(),
+                secondary: None,
+            },
+        )
+        .await;
+    }
+    // The ledger first: if anything fails from here on, the finalizer still holds the
+    // container and the release is retried.
+    if let Some(server) = &record.server {
+        release(ctx, server, container).await?;
+    }
     let finalizers: Vec<String> = container
         .finalizers()
         .iter()
@@ -500,11 +551,8 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
     api(ctx, container)
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    info!(container = %name, %namespace, "released the reservation");
-    // Whoever waits for the freed memory and storage is admitted now, not at the next event.
-    if let Some(server) = record.server {
-        admit_server(ctx, &server).await?;
-    }
+    ctx.metrics.finalizer_written();
+    info!(container = %name, %namespace, "deletion complete");
     Ok(Action::await_change())
 }
 
@@ -517,13 +565,4 @@ where
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Whether `spec.server` of a container names this node (by name or public address).
-pub fn names_node(container: &Container, node: &NodeFacts) -> bool {
-    let record = AdmissionRecord::cached(container);
-    record.server.as_deref() == Some(node.name.as_str())
-        || container.spec.server == node.name
-        || node.address.as_deref() == Some(container.spec.server.as_str())
-        || resolve_server(&container.spec.server, std::slice::from_ref(node)).is_ok()
 }

@@ -6,15 +6,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use kube::Client;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, Recorder};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
+use kube::{Client, ResourceExt};
 use tracing::warn;
-use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
+use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping, Server};
+use uwsgi_it_domain::capacity::ServerFacts;
 use uwsgi_it_domain::config::OperatorConfig;
 
-use crate::admission::AdmissionState;
+use crate::admission::Released;
+use crate::facts::server_facts;
+use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::port_mapping::PortState;
 use crate::uids::UidStore;
@@ -27,8 +31,13 @@ pub struct Context {
     pub config: Arc<OperatorConfig>,
     /// Cache of Containers.
     pub containers: Store<Container>,
-    /// Cache of Nodes.
+    /// Cache of Nodes (trimmed to what the controller reads).
     pub nodes: Store<Node>,
+    /// Cache of Servers.
+    pub servers: Store<Server>,
+    /// Containers by the server they name ([`server_key`]) and by namespace
+    /// ([`namespace_key`]).
+    pub container_index: Arc<Index<Container>>,
     /// Cache of Customers.
     pub customers: Store<Customer>,
     /// Cache of PortMappings.
@@ -37,8 +46,8 @@ pub struct Context {
     pub distros: Store<CustomDistro>,
     /// Event recorder (events.k8s.io).
     pub recorder: Recorder,
-    /// Per-server admission serialisation and the last admission writes.
-    pub admission: AdmissionState,
+    /// Containers whose reservation this controller released.
+    pub released: Released,
     /// Port ownership serialisation and the last acceptance writes.
     pub ports: PortState,
     /// The uid high-water mark.
@@ -50,7 +59,33 @@ pub struct Context {
     pub customer_applied: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
     synced: tokio::sync::watch::Sender<bool>,
     backoff: Mutex<HashMap<String, u32>>,
-    overcommit_reported: Mutex<HashMap<String, String>>,
+    server_reasons: Mutex<HashMap<String, String>>,
+}
+
+/// The index key of the containers that name `server` (a Server name or an address) in
+/// `status.server` or `spec.server`.
+pub fn server_key(server: &str) -> String {
+    format!("server:{server}")
+}
+
+/// The index key of the containers of one namespace.
+pub fn namespace_key(namespace: &str) -> String {
+    format!("namespace:{namespace}")
+}
+
+/// The index keys of a container: its namespace, the server it names and the one it holds a
+/// reservation on.
+pub fn container_keys(container: &Container) -> Vec<String> {
+    let mut keys = vec![
+        namespace_key(&container.namespace().unwrap_or_default()),
+        server_key(&container.spec.server),
+    ];
+    if let Some(server) = container.status.as_ref().and_then(|s| s.server.as_deref())
+        && server != container.spec.server
+    {
+        keys.push(server_key(server));
+    }
+    keys
 }
 
 impl Context {
@@ -69,18 +104,20 @@ impl Context {
             config,
             containers: stores.containers,
             nodes: stores.nodes,
+            servers: stores.servers,
+            container_index: stores.container_index,
             customers: stores.customers,
             mappings: stores.mappings,
             distros: stores.distros,
             recorder,
-            admission: AdmissionState::default(),
+            released: Released::default(),
             ports: PortState::default(),
             uids,
             metrics,
             customer_applied: Mutex::new(HashMap::new()),
             synced: tokio::sync::watch::Sender::new(false),
             backoff: Mutex::new(HashMap::new()),
-            overcommit_reported: Mutex::new(HashMap::new()),
+            server_reasons: Mutex::new(HashMap::new()),
         }
     }
 
@@ -104,10 +141,32 @@ impl Context {
         }
     }
 
-    /// True when this overcommit message is new for the server (so it is reported once).
-    pub fn note_overcommit(&self, server: &str, message: &str) -> bool {
-        let mut reported = self.overcommit_reported.lock().expect("overcommit map");
-        reported.insert(server.to_string(), message.to_string()) != Some(message.to_string())
+    /// True when `reason` is new for the server's `Ready` (so an Event is published once per
+    /// change of reason, not on every pass).
+    pub fn note_server_reason(&self, server: &str, reason: &str) -> bool {
+        let mut reported = self.server_reasons.lock().expect("server reasons");
+        reported.insert(server.to_string(), reason.to_string()) != Some(reason.to_string())
+    }
+
+    /// The containers of one namespace.
+    pub fn containers_in(&self, namespace: &str) -> Vec<Arc<Container>> {
+        self.container_index
+            .get(&namespace_key(namespace))
+            .iter()
+            .filter_map(|r| self.containers.get(r))
+            .collect()
+    }
+
+    /// The admission facts of every Server (O(servers): only for resolving an address).
+    pub fn all_server_facts(&self) -> Vec<ServerFacts> {
+        self.servers
+            .state()
+            .iter()
+            .map(|s| {
+                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
+                server_facts(s, node.as_deref())
+            })
+            .collect()
     }
 
     /// The retry delay after another failure of `object`: 1s, 2s, 4s, ... up to 5 minutes.
@@ -131,6 +190,10 @@ pub struct Stores {
     pub containers: Store<Container>,
     /// Nodes.
     pub nodes: Store<Node>,
+    /// Servers.
+    pub servers: Store<Server>,
+    /// The index of Containers.
+    pub container_index: Arc<Index<Container>>,
     /// Customers.
     pub customers: Store<Customer>,
     /// PortMappings.

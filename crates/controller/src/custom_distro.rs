@@ -7,6 +7,7 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use uwsgi_it_api::CustomDistro;
@@ -15,18 +16,17 @@ use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
 use uwsgi_it_domain::distro::{ContainerFacts, accept_distro, check_deletion, used_by};
 
 use crate::Error;
+use crate::admission::AdmissionRecord;
 use crate::context::Context;
 use crate::facts::{container_facts, distro_facts, key_of};
 use crate::status::{ADMISSION_MANAGER, Desired, apply_status};
 
 fn namespace_facts(ctx: &Context, namespace: &str) -> Vec<ContainerFacts> {
-    ctx.containers
-        .state()
+    ctx.containers_in(namespace)
         .iter()
-        .filter(|c| c.namespace().as_deref() == Some(namespace))
         .filter(|c| c.metadata.deletion_timestamp.is_none())
         .map(|c| {
-            let record = ctx.admission.effective(c);
+            let record = AdmissionRecord::cached(c);
             container_facts(c, record.server.clone(), record.is_admitted())
         })
         .collect()
@@ -98,13 +98,8 @@ pub async fn reconcile(distro: Arc<CustomDistro>, ctx: Arc<Context>) -> Result<A
         Ok(accepted) => {
             let storage_uid = ctx
                 .containers
-                .state()
-                .iter()
-                .find(|c| {
-                    c.namespace().as_deref() == Some(namespace.as_str())
-                        && c.name_any() == accepted.storage_container
-                })
-                .and_then(|c| ctx.admission.effective(c).uid)
+                .get(&ObjectRef::new(&accepted.storage_container).within(&namespace))
+                .and_then(|c| AdmissionRecord::cached(&c).uid)
                 .and_then(|uid| u32::try_from(uid).ok());
             let host_path = storage_uid.and_then(|uid| {
                 uwsgi_it_domain::paths::custom_distro_dir(

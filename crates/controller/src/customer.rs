@@ -9,16 +9,15 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use uwsgi_it_api::condition::READY;
 use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, CUSTOMER_LABEL};
 use uwsgi_it_api::{Customer, ResourceUsage, ServerUsage};
-use uwsgi_it_domain::capacity::resolve_server;
 
 use crate::Error;
 use crate::context::Context;
-use crate::facts::{node_address, node_facts};
 use crate::status::{ADMISSION_MANAGER, Desired, apply_status};
 use crate::workload::MANAGED_BY;
 
@@ -50,12 +49,7 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
     let _timer = ctx.metrics.reconcile_started("customer");
     ctx.wait_synced().await;
     let namespace = customer.namespace_name();
-    let containers: Vec<_> = ctx
-        .containers
-        .state()
-        .into_iter()
-        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
-        .collect();
+    let containers = ctx.containers_in(&namespace);
     let has_finalizer = customer
         .finalizers()
         .iter()
@@ -97,6 +91,14 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
         set_finalizers(&ctx, &customer, finalizers).await?;
     }
 
+    // A namespace belongs to the earliest Customer claiming it, and never to a Customer when
+    // it exists without being one's (kube-system, a supplier's own): taking it over would hand
+    // its Pods and Secrets to the customer's users.
+    if let Some(refusal) = claim_refusal(&ctx, &customer, &namespace).await? {
+        write_status(&ctx, &customer, &namespace, refusal).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+
     // A Customer is reconciled on every change of its containers (its usage); its namespace and
     // RoleBinding depend only on its spec, so they are applied once per generation (and again
     // after REAPPLY, which repairs drift such as a deleted RoleBinding).
@@ -132,6 +134,54 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
     );
     write_status(&ctx, &customer, &namespace, ready).await?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Why `customer` may not have `namespace`, if it may not.
+async fn claim_refusal(
+    ctx: &Context,
+    customer: &Customer,
+    namespace: &str,
+) -> Result<Option<Desired>, Error> {
+    let me = crate::facts::key_of(customer);
+    let earlier = ctx
+        .customers
+        .state()
+        .iter()
+        .filter(|c| c.namespace_name() == namespace && c.metadata.deletion_timestamp.is_none())
+        .filter(|c| c.metadata.uid != customer.metadata.uid)
+        .map(|c| crate::facts::key_of(c.as_ref()))
+        .filter(|key| *key < me)
+        .min();
+    if let Some(first) = earlier {
+        return Ok(Some(Desired::no(
+            READY,
+            "NamespaceClaimed",
+            format!(
+                "namespace {namespace} belongs to Customer {}, which claimed it first; give this Customer another spec.namespace",
+                first.name
+            ),
+        )));
+    }
+    let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let Some(existing) = namespaces.get_opt(namespace).await? else {
+        return Ok(None);
+    };
+    match existing.labels().get(CUSTOMER_LABEL) {
+        Some(owner) if *owner == customer.name_any() => Ok(None),
+        Some(owner) => Ok(Some(Desired::no(
+            READY,
+            "NamespaceClaimed",
+            format!("namespace {namespace} belongs to Customer {owner}"),
+        ))),
+        None => Ok(Some(Desired::no(
+            READY,
+            "NamespaceNotCustomers",
+            format!(
+                "namespace {namespace} exists and is not a customer namespace (no {CUSTOMER_LABEL} label); \
+                 it is never taken over: give this Customer another spec.namespace"
+            ),
+        ))),
+    }
 }
 
 /// How long an applied namespace and RoleBinding are trusted before they are applied again.
@@ -181,40 +231,21 @@ async fn apply_namespace_and_binding(
     Ok(())
 }
 
-/// Usage of every server the customer owns: capacity, everyone's reservations, what is free,
-/// and how many of the customer's containers live there.
+/// Usage of every server the customer owns: capacity, everyone's reservations, what is free
+/// (from the Server's ledger), and how many of the customer's containers hold a reservation
+/// there.
 fn usage(ctx: &Context, customer: &Customer, namespace: &str) -> Vec<ServerUsage> {
-    let nodes = ctx.nodes.state();
-    let facts: Vec<_> = nodes.iter().map(|n| node_facts(n)).collect();
-    let containers = ctx.containers.state();
     let mut servers = customer.spec.servers.clone();
     servers.sort();
     servers.dedup();
-    // One walk over the containers, not one per server.
-    let mut totals: std::collections::HashMap<String, (i64, i64, i64)> = servers
-        .iter()
-        .map(|name| (name.clone(), (0, 0, 0)))
-        .collect();
-    for container in &containers {
-        let record = ctx.admission.effective(container);
-        let Some(total) = record.server.as_ref().and_then(|s| totals.get_mut(s)) else {
-            continue;
-        };
-        if let Some(reserved) = &record.reserved {
-            total.0 += reserved.memory;
-            total.1 += reserved.storage;
-        }
-        if container.namespace().as_deref() == Some(namespace) {
-            total.2 += 1;
-        }
-    }
     servers
         .into_iter()
         .map(|name| {
-            let capacity = resolve_server(&name, &facts).map(|s| s.capacity).ok();
-            let (memory, storage, mine) = totals[&name];
-            let resource = |capacity: Option<u64>, used: i64| {
-                let capacity = capacity.map_or(0, |c| i64::try_from(c).unwrap_or(i64::MAX));
+            let server = ctx.servers.get(&ObjectRef::new(&name));
+            let status = server.as_ref().and_then(|s| s.status.as_ref());
+            let resource = |capacity: Option<i64>, used: Option<i64>| {
+                let capacity = capacity.unwrap_or(0);
+                let used = used.unwrap_or(0);
                 ResourceUsage {
                     capacity,
                     used,
@@ -222,13 +253,18 @@ fn usage(ctx: &Context, customer: &Customer, namespace: &str) -> Vec<ServerUsage
                 }
             };
             ServerUsage {
-                address: nodes
-                    .iter()
-                    .find(|n| n.name_any() == name)
-                    .and_then(|n| node_address(n)),
-                memory: resource(capacity.map(|c| c.memory_mb), memory),
-                storage: resource(capacity.map(|c| c.storage_mb), storage),
-                containers: mine,
+                address: status.and_then(|s| s.address.clone()),
+                memory: resource(
+                    server.as_ref().map(|s| s.spec.memory),
+                    status.and_then(|s| s.memory.as_ref()).map(|m| m.reserved),
+                ),
+                storage: resource(
+                    server.as_ref().map(|s| s.spec.storage),
+                    status.and_then(|s| s.storage.as_ref()).map(|m| m.reserved),
+                ),
+                containers: status.map_or(0, |s| {
+                    s.ledger.iter().filter(|e| e.namespace == namespace).count() as i64
+                }),
                 name,
             }
         })

@@ -3,11 +3,8 @@
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use uwsgi_it_api::condition::{self, ADMITTED};
-use uwsgi_it_api::well_known::{
-    ADDRESS_ANNOTATION, MEMORY_ANNOTATION, SERVER_LABEL, STORAGE_ANNOTATION,
-};
-use uwsgi_it_api::{Container, CustomDistro};
-use uwsgi_it_domain::capacity::{NodeFacts, Resources};
+use uwsgi_it_api::{Container, CustomDistro, Server};
+use uwsgi_it_domain::capacity::{Resources, ServerFacts};
 use uwsgi_it_domain::distro::{ContainerFacts, DistroFacts};
 use uwsgi_it_domain::identity::ObjectKey;
 
@@ -26,29 +23,32 @@ pub fn key_of<K: ResourceExt>(object: &K) -> ObjectKey {
     )
 }
 
-/// The public address of a node: the `uwsgi.it/address` annotation, else its ExternalIP,
-/// else its InternalIP.
-pub fn node_address(node: &Node) -> Option<String> {
-    if let Some(address) = node.annotations().get(ADDRESS_ANNOTATION) {
-        return Some(address.trim().to_string());
-    }
-    let addresses = node.status.as_ref()?.addresses.as_ref()?;
-    ["ExternalIP", "InternalIP"].iter().find_map(|kind| {
+/// The public address of a server: its `spec.address`, else its Node's ExternalIP, else its
+/// InternalIP (the one rule the agent applies too).
+pub fn server_address(server: &Server, node: Option<&Node>) -> Option<String> {
+    let addresses = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| a.as_slice())
+        .unwrap_or_default();
+    uwsgi_it_domain::address::public_address(
+        server.spec.address.as_deref(),
         addresses
             .iter()
-            .find(|a| a.type_ == *kind)
-            .map(|a| a.address.clone())
-    })
+            .map(|a| (a.type_.as_str(), a.address.as_str())),
+    )
+    .map(|a| a.to_string())
 }
 
-/// What admission needs to know about a node.
-pub fn node_facts(node: &Node) -> NodeFacts {
-    NodeFacts {
-        name: node.name_any(),
-        is_server: node.labels().get(SERVER_LABEL).map(String::as_str) == Some("true"),
-        memory: node.annotations().get(MEMORY_ANNOTATION).cloned(),
-        storage: node.annotations().get(STORAGE_ANNOTATION).cloned(),
-        address: node_address(node),
+/// What admission needs to know about a server.
+pub fn server_facts(server: &Server, node: Option<&Node>) -> ServerFacts {
+    ServerFacts {
+        name: server.name_any(),
+        capacity: Resources::new(
+            server.spec.memory.max(0) as u64,
+            server.spec.storage.max(0) as u64,
+        ),
+        address: server_address(server, node),
     }
 }
 
@@ -104,41 +104,40 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    #[test]
-    fn address_prefers_annotation_then_external_then_internal() {
-        let both = json!({"metadata": {"name": "a"}, "status": {"addresses": [
-            {"type": "InternalIP", "address": "10.0.0.1"},
-            {"type": "ExternalIP", "address": "198.51.100.1"}]}});
-        assert_eq!(
-            node_address(&node(both.clone())).as_deref(),
-            Some("198.51.100.1")
-        );
-        let mut annotated = both;
-        annotated["metadata"]["annotations"] = json!({"uwsgi.it/address": "203.0.113.5"});
-        assert_eq!(
-            node_address(&node(annotated)).as_deref(),
-            Some("203.0.113.5")
-        );
-        let internal = json!({"metadata": {"name": "a"}, "status": {"addresses": [
-            {"type": "InternalIP", "address": "10.0.0.1"}]}});
-        assert_eq!(node_address(&node(internal)).as_deref(), Some("10.0.0.1"));
-        assert_eq!(
-            node_address(&node(json!({"metadata": {"name": "a"}}))),
-            None
-        );
+    fn server(address: Option<&str>) -> Server {
+        serde_json::from_value(json!({"apiVersion": "uwsgi.it/v1alpha1", "kind": "Server",
+            "metadata": {"name": "a"},
+            "spec": {"memory": 16000, "storage": 500000, "address": address}}))
+        .unwrap()
     }
 
     #[test]
-    fn node_facts_read_label_and_annotations() {
-        let facts = node_facts(&node(json!({"metadata": {"name": "server-1",
-            "labels": {"uwsgi.it/server": "true"},
-            "annotations": {"uwsgi.it/memory": "16000", "uwsgi.it/storage": "500000"}}})));
-        assert!(facts.is_server);
-        assert_eq!(facts.memory.as_deref(), Some("16000"));
-        assert_eq!(facts.storage.as_deref(), Some("500000"));
-        let plain = node_facts(&node(
-            json!({"metadata": {"name": "n", "labels": {"uwsgi.it/server": "yes"}}}),
-        ));
-        assert!(!plain.is_server, "only the value \"true\" makes a server");
+    fn address_prefers_the_spec_then_external_then_internal() {
+        let both = node(json!({"metadata": {"name": "a"}, "status": {"addresses": [
+            {"type": "InternalIP", "address": "10.0.0.1"},
+            {"type": "ExternalIP", "address": "198.51.100.1"}]}}));
+        assert_eq!(
+            server_address(&server(None), Some(&both)).as_deref(),
+            Some("198.51.100.1")
+        );
+        assert_eq!(
+            server_address(&server(Some("203.0.113.5")), Some(&both)).as_deref(),
+            Some("203.0.113.5")
+        );
+        let internal = node(json!({"metadata": {"name": "a"}, "status": {"addresses": [
+            {"type": "InternalIP", "address": "10.0.0.1"}]}}));
+        assert_eq!(
+            server_address(&server(None), Some(&internal)).as_deref(),
+            Some("10.0.0.1")
+        );
+        assert_eq!(server_address(&server(None), None), None);
+    }
+
+    #[test]
+    fn server_facts_read_the_spec() {
+        let facts = server_facts(&server(Some("203.0.113.5")), None);
+        assert_eq!(facts.name, "a");
+        assert_eq!(facts.capacity, Resources::new(16000, 500000));
+        assert_eq!(facts.address.as_deref(), Some("203.0.113.5"));
     }
 }

@@ -1,9 +1,11 @@
 //! The controller: admits containers without ever overselling a server, allocates their
 //! identities, runs their workloads and reports everything in status, conditions and Events.
 //!
-//! One active replica (Lease leader election) runs four reconcilers over shared caches:
-//! Containers (admission, workload, deletion), PortMappings (port ownership), CustomDistros and
-//! Customers (namespace, RoleBinding, usage). Decisions come from the pure `uwsgi-it-domain`.
+//! One active replica (Lease leader election) runs five reconcilers over shared caches: Servers
+//! (admission, committed to each Server's ledger with optimistic concurrency, so even two
+//! replicas that both believe they lead cannot oversell), Containers (workload, deletion),
+//! PortMappings (port ownership), CustomDistros and Customers (namespace, RoleBinding, usage).
+//! Decisions come from the pure `uwsgi-it-domain`.
 
 pub mod admission;
 pub mod container;
@@ -11,6 +13,7 @@ pub mod context;
 pub mod custom_distro;
 pub mod customer;
 pub mod facts;
+pub mod index;
 pub mod metrics;
 pub mod overlay;
 pub mod port_mapping;
@@ -35,11 +38,10 @@ use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping};
+use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping, Server};
 use uwsgi_it_domain::config::OperatorConfig;
 
 use crate::context::{Context, Stores};
-use crate::facts::node_facts;
 use crate::metrics::Metrics;
 use crate::uids::UidStore;
 
@@ -80,12 +82,28 @@ impl Options {
         Options {
             config,
             namespace: namespace.into(),
-            identity: format!("uwsgi-it-controller-{}", std::process::id()),
+            identity: default_identity(),
             listen: None,
             leader_election: false,
             concurrency: 16,
         }
     }
+}
+
+/// An identity no other process shares: the host name, the process id and the start time (a
+/// pid alone is 1 in every container).
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "uwsgi-it-controller".into());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{host}-{}-{started:x}", std::process::id())
 }
 
 /// Runs the controller until `shutdown` resolves or leadership is lost.
@@ -174,20 +192,21 @@ pub async fn run(
     Ok(())
 }
 
-/// The four controllers and the caches they share.
+/// The controllers, the shared watches that feed them and the caches they share.
 struct Controllers {
+    servers: Controller<Server>,
     containers: Controller<Container>,
     mappings: Controller<PortMapping>,
     distros: Controller<CustomDistro>,
     customers: Controller<Customer>,
-    nodes: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The shared reflectors: each kind is watched once, whoever reads it.
+    watches: Vec<Task>,
     context: Arc<Context>,
     concurrency: u16,
 }
 
-fn same_namespace<K: ResourceExt>(object: &K) -> Option<String> {
-    object.namespace()
-}
+/// How many events a slow subscriber of a shared watch may lag behind before the watch waits.
+const SUBSCRIBER_BUFFER: usize = 4096;
 
 /// The last generation seen of each object (by uid): a filter that lets through what an object
 /// says (spec changes and the start of its deletion both bump the generation) and drops
@@ -205,133 +224,236 @@ impl Generations {
     }
 }
 
+/// Drops what no reconciler reads from cached objects: managed fields (often larger than the
+/// object) and, for Nodes, everything but their name and addresses.
+fn trim<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
+fn trim_node(node: &mut Node) {
+    trim(node);
+    node.metadata.annotations = None;
+    node.metadata.labels = None;
+    node.spec = None;
+    if let Some(status) = node.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// A future that runs until the controller stops.
+type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One watch of every object of kind `K`, reflected into a store that every controller shares
+/// (and into an optional index), with subscribers for the controllers it triggers.
+struct SharedWatch<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+    api: Api<K>,
+    modify: fn(&mut K),
+    index: Option<Arc<index::Index<K>>>,
+    store: reflector::Store<K>,
+    writer: reflector::store::Writer<K>,
+}
+
+impl<K> SharedWatch<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    fn new(api: Api<K>, modify: fn(&mut K), index: Option<Arc<index::Index<K>>>) -> Self {
+        let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+        SharedWatch {
+            api,
+            modify,
+            index,
+            store,
+            writer,
+        }
+    }
+
+    /// A stream of the objects the watch sees, for one controller.
+    fn subscribe(&self) -> reflector::ReflectHandle<K> {
+        self.writer
+            .subscribe()
+            .expect("a shared store's writer dispatches events")
+    }
+
+    /// The watch itself: (consistent) list, then watch, reflected into the store and index.
+    fn run(self) -> Task {
+        let index = self.index;
+        let stream = watcher(self.api, watcher::Config::default())
+            .default_backoff()
+            .modify(self.modify)
+            .reflect_shared(self.writer)
+            .for_each(move |event| {
+                if let (Ok(event), Some(index)) = (&event, &index) {
+                    index.observe(event);
+                }
+                futures::future::ready(())
+            });
+        Box::pin(stream)
+    }
+}
+
+/// Which Servers a container event concerns: the one it holds a reservation on, else the one
+/// its `spec.server` names (by name, else by address).
+struct ServerRefs {
+    servers: reflector::Store<Server>,
+    nodes: reflector::Store<Node>,
+}
+
+impl ServerRefs {
+    fn of_container(&self, container: &Container) -> Vec<ObjectRef<Server>> {
+        let status = container.status.as_ref();
+        if let Some(server) = status.and_then(|s| s.server.as_deref()) {
+            return vec![ObjectRef::new(server)];
+        }
+        let named = ObjectRef::new(&container.spec.server);
+        if self.servers.get(&named).is_some() {
+            return vec![named];
+        }
+        // Named by address: rare, and the only case that looks at every Server.
+        self.servers
+            .state()
+            .iter()
+            .filter(|s| {
+                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
+                facts::server_address(s, node.as_deref()).as_deref()
+                    == Some(container.spec.server.as_str())
+            })
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect()
+    }
+}
+
 impl Controllers {
     fn new(client: Client, options: &Options, metrics: Metrics) -> Self {
-        let all = watcher::Config::default().any_semantic();
-        let (nodes_store, nodes_writer) = reflector::store::<Node>();
-        let nodes = reflector::reflector(
-            nodes_writer,
-            watcher(Api::<Node>::all(client.clone()), all.clone()),
-        )
-        .default_backoff()
-        .for_each(|_| futures::future::ready(()));
-        let nodes = Box::pin(nodes);
+        let container_index = Arc::new(index::Index::new(context::container_keys));
+        let container_watch = SharedWatch::new(
+            Api::<Container>::all(client.clone()),
+            trim,
+            Some(Arc::clone(&container_index)),
+        );
+        let server_watch = SharedWatch::new(Api::<Server>::all(client.clone()), trim, None);
+        let customer_watch = SharedWatch::new(Api::<Customer>::all(client.clone()), trim, None);
+        let node_watch = SharedWatch::new(Api::<Node>::all(client.clone()), trim_node, None);
+        let container_store = container_watch.store.clone();
+        let server_store = server_watch.store.clone();
+        let customer_store = customer_watch.store.clone();
+        let node_store = node_watch.store.clone();
 
-        let containers = Controller::new(Api::<Container>::all(client.clone()), all.clone());
-        let container_store = containers.store();
-        let mappings = Controller::new(Api::<PortMapping>::all(client.clone()), all.clone());
+        let pods = watcher::Config::default().labels(&format!(
+            "{}={}",
+            workload::MANAGED_BY.0,
+            workload::MANAGED_BY.1
+        ));
+        let consistent = watcher::Config::default();
+
+        // Servers: admission. A container, a Customer's spec or a Node concerns the servers
+        // they name, nothing else.
+        let servers = {
+            let by_container = ServerRefs {
+                servers: server_store.clone(),
+                nodes: node_store.clone(),
+            };
+            let seen_generations = Generations::default();
+            Controller::for_shared_stream(server_watch.subscribe(), server_store.clone())
+                .watches_shared_stream(container_watch.subscribe(), move |c| {
+                    by_container.of_container(&c)
+                })
+                .watches_shared_stream(customer_watch.subscribe(), move |c| {
+                    if !seen_generations.changed(c.as_ref()) {
+                        return Vec::new();
+                    }
+                    c.spec
+                        .servers
+                        .iter()
+                        .map(|s| ObjectRef::<Server>::new(s))
+                        .collect::<Vec<_>>()
+                })
+                .watches_shared_stream(node_watch.subscribe(), |n| {
+                    Some(ObjectRef::<Server>::new(&n.name_any()))
+                })
+        };
+
+        // Containers: finalizer, workload, deletion.
+        let containers = {
+            let by_distro = Arc::clone(&container_index);
+            let by_customer = Arc::clone(&container_index);
+            let seen_generations = Generations::default();
+            Controller::for_shared_stream(container_watch.subscribe(), container_store.clone())
+                .owns(Api::<Pod>::all(client.clone()), pods)
+                .watches(
+                    Api::<CustomDistro>::all(client.clone()),
+                    consistent.clone(),
+                    move |d| {
+                        by_distro.get(&context::namespace_key(&d.namespace().unwrap_or_default()))
+                    },
+                )
+                // Only what a Customer says (its servers, its deletion) matters here, not its
+                // status (usage), which changes with every admission.
+                .watches_shared_stream(customer_watch.subscribe(), move |c| {
+                    if !seen_generations.changed(c.as_ref()) {
+                        return Vec::new();
+                    }
+                    by_customer.get(&context::namespace_key(&c.namespace_name()))
+                })
+        };
+
+        let mappings = Controller::new(Api::<PortMapping>::all(client.clone()), consistent.clone());
         let mapping_store = mappings.store();
-        let distros = Controller::new(Api::<CustomDistro>::all(client.clone()), all.clone());
-        let distro_store = distros.store();
-        let customers = Controller::new(Api::<Customer>::all(client.clone()), all.clone());
-        let customer_store = customers.store();
-
-        let in_namespace = |store: reflector::Store<Container>| {
-            move |namespace: Option<String>| -> Vec<ObjectRef<Container>> {
+        let mappings = {
+            let store = mapping_store.clone();
+            mappings.watches_shared_stream(container_watch.subscribe(), move |c| {
+                let namespace = c.namespace();
                 store
                     .state()
                     .iter()
-                    .filter(|c| c.namespace() == namespace)
-                    .map(|c| ObjectRef::from_obj(c.as_ref()))
-                    .collect()
-            }
+                    .filter(|m| m.namespace() == namespace && m.spec.container == c.name_any())
+                    .map(|m| ObjectRef::from_obj(m.as_ref()))
+                    .collect::<Vec<_>>()
+            })
         };
-        let containers = {
-            let by_distro = in_namespace(container_store.clone());
-            let by_customer = in_namespace(container_store.clone());
-            let seen_generations = Generations::default();
-            let by_node = container_store.clone();
-            containers
-                .owns(
-                    Api::<Pod>::all(client.clone()),
-                    watcher::Config::default().labels(&format!(
-                        "{}={}",
-                        workload::MANAGED_BY.0,
-                        workload::MANAGED_BY.1
-                    )),
-                )
-                .watches(
-                    Api::<CustomDistro>::all(client.clone()),
-                    all.clone(),
-                    move |d| by_distro(same_namespace(&d)),
-                )
-                // Only what a Customer says (its servers, its deletion) matters to admission, not
-                // its status: the status changes with every admission (usage), and reconciling
-                // every container of the customer on each of those would grow as N².
-                .watches(
-                    Api::<Customer>::all(client.clone()),
-                    all.clone(),
-                    move |c| {
-                        if !seen_generations.changed(&c) {
-                            return Vec::new();
-                        }
-                        by_customer(Some(c.namespace_name()))
-                    },
-                )
-                .watches(Api::<Node>::all(client.clone()), all.clone(), move |node| {
-                    let facts = node_facts(&node);
-                    by_node
-                        .state()
-                        .iter()
-                        .filter(|c| container::names_node(c, &facts))
-                        .map(|c| ObjectRef::from_obj(c.as_ref()))
-                        .collect::<Vec<_>>()
-                })
-        };
-        let mappings = {
-            let store = mapping_store.clone();
-            mappings.watches(
-                Api::<Container>::all(client.clone()),
-                all.clone(),
-                move |c| {
-                    let namespace = c.namespace();
-                    store
-                        .state()
-                        .iter()
-                        .filter(|m| m.namespace() == namespace && m.spec.container == c.name_any())
-                        .map(|m| ObjectRef::from_obj(m.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
-        };
+        let distros = Controller::new(Api::<CustomDistro>::all(client.clone()), consistent);
+        let distro_store = distros.store();
         let distros = {
             let store = distro_store.clone();
-            distros.watches(
-                Api::<Container>::all(client.clone()),
-                all.clone(),
-                move |c| {
-                    let namespace = c.namespace();
-                    store
-                        .state()
-                        .iter()
-                        .filter(|d| d.namespace() == namespace)
-                        .map(|d| ObjectRef::from_obj(d.as_ref()))
-                        .collect::<Vec<_>>()
-                },
-            )
+            distros.watches_shared_stream(container_watch.subscribe(), move |c| {
+                let namespace = c.namespace();
+                store
+                    .state()
+                    .iter()
+                    .filter(|d| d.namespace() == namespace)
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
+            })
         };
+        // Customers: namespace, RoleBinding, usage (from the Servers' ledgers).
         let customers = {
             let by_container = customer_store.clone();
-            let by_node = customer_store.clone();
-            customers
-                .watches(
-                    Api::<Container>::all(client.clone()),
-                    all.clone(),
-                    move |c| {
-                        let namespace = c.namespace().unwrap_or_default();
-                        by_container
-                            .state()
-                            .iter()
-                            .filter(|cu| cu.namespace_name() == namespace)
-                            .map(|cu| ObjectRef::from_obj(cu.as_ref()))
-                            .collect::<Vec<_>>()
-                    },
-                )
-                .watches(Api::<Node>::all(client.clone()), all.clone(), move |node| {
-                    by_node
+            let by_server = customer_store.clone();
+            Controller::for_shared_stream(customer_watch.subscribe(), customer_store.clone())
+                .watches_shared_stream(container_watch.subscribe(), move |c| {
+                    let namespace = c.namespace().unwrap_or_default();
+                    by_container
                         .state()
                         .iter()
-                        .filter(|cu| cu.spec.servers.contains(&node.name_any()))
+                        .filter(|cu| cu.namespace_name() == namespace)
+                        .map(|cu| ObjectRef::from_obj(cu.as_ref()))
+                        .collect::<Vec<_>>()
+                })
+                .watches_shared_stream(server_watch.subscribe(), move |server| {
+                    let name = server.name_any();
+                    by_server
+                        .state()
+                        .iter()
+                        .filter(|cu| cu.spec.servers.contains(&name))
                         .map(|cu| ObjectRef::from_obj(cu.as_ref()))
                         .collect::<Vec<_>>()
                 })
@@ -346,7 +468,9 @@ impl Controllers {
             Arc::new(options.config.clone()),
             Stores {
                 containers: container_store,
-                nodes: nodes_store,
+                container_index,
+                nodes: node_store,
+                servers: server_store,
                 customers: customer_store,
                 mappings: mapping_store,
                 distros: distro_store,
@@ -359,11 +483,17 @@ impl Controllers {
             metrics,
         ));
         Controllers {
+            servers,
             containers,
             mappings,
             distros,
             customers,
-            nodes,
+            watches: vec![
+                container_watch.run(),
+                server_watch.run(),
+                customer_watch.run(),
+                node_watch.run(),
+            ],
             context,
             concurrency: options.concurrency,
         }
@@ -376,6 +506,7 @@ impl Controllers {
             let synced = async {
                 ready_store(&ctx.containers).await?;
                 ready_store(&ctx.nodes).await?;
+                ready_store(&ctx.servers).await?;
                 ready_store(&ctx.customers).await?;
                 ready_store(&ctx.mappings).await?;
                 ready_store(&ctx.distros).await
@@ -394,12 +525,16 @@ impl Controllers {
     /// Runs every controller; dropping the returned future stops them all.
     async fn run(self) {
         let config = ControllerConfig::default().concurrency(self.concurrency);
+        // A Customer's usage moves with every admission on its servers: coalesce those.
+        let customer_config = config.clone().debounce(Duration::from_secs(1));
         let ctx = self.context;
+        let servers = drive(self.servers, &config, admission::reconcile, &ctx);
         let containers = drive(self.containers, &config, container::reconcile, &ctx);
         let mappings = drive(self.mappings, &config, port_mapping::reconcile, &ctx);
         let distros = drive(self.distros, &config, custom_distro::reconcile, &ctx);
-        let customers = drive(self.customers, &config, customer::reconcile, &ctx);
-        tokio::join!(containers, mappings, distros, customers, self.nodes);
+        let customers = drive(self.customers, &customer_config, customer::reconcile, &ctx);
+        let watches = futures::future::join_all(self.watches);
+        tokio::join!(servers, containers, mappings, distros, customers, watches);
     }
 }
 
@@ -460,6 +595,7 @@ fn backoff_key<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
 /// The `controller` label of a kind in the metrics.
 fn controller_label<K: kube::Resource<DynamicType = ()>>() -> &'static str {
     match K::kind(&()).as_ref() {
+        "Server" => "server",
         "Container" => "container",
         "PortMapping" => "portmapping",
         "CustomDistro" => "customdistro",

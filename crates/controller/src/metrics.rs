@@ -28,6 +28,9 @@ pub struct Metrics {
     durations: Family<ControllerLabel, Histogram>,
     admission_passes: Histogram,
     status_writes: Counter,
+    ledger_conflicts: Counter,
+    finalizer_writes: Counter,
+    admission_failures: Counter,
     memory_reserved: Family<ServerLabel, Gauge>,
     storage_reserved: Family<ServerLabel, Gauge>,
     memory_capacity: Family<ServerLabel, Gauge>,
@@ -47,6 +50,9 @@ impl Metrics {
             durations: Family::new_with_constructor(seconds_histogram),
             admission_passes: seconds_histogram(),
             status_writes: Counter::default(),
+            ledger_conflicts: Counter::default(),
+            finalizer_writes: Counter::default(),
+            admission_failures: Counter::default(),
             memory_reserved: Family::default(),
             storage_reserved: Family::default(),
             memory_capacity: Family::default(),
@@ -75,8 +81,23 @@ impl Metrics {
         );
         registry.register(
             "status_writes",
-            "Admission status writes",
+            "Ledger commits and admission status writes",
             metrics.status_writes.clone(),
+        );
+        registry.register(
+            "ledger_conflicts",
+            "Ledger commits refused because the Server changed since it was read (decided again)",
+            metrics.ledger_conflicts.clone(),
+        );
+        registry.register(
+            "finalizer_writes",
+            "Finalizers added to or removed from Containers",
+            metrics.finalizer_writes.clone(),
+        );
+        registry.register(
+            "admission_failures",
+            "Admissions that could not be completed (no uid could be handed out)",
+            metrics.admission_failures.clone(),
         );
         registry.register(
             "memory_reserved_mb",
@@ -90,12 +111,12 @@ impl Metrics {
         );
         registry.register(
             "memory_capacity_mb",
-            "Memory capacity annotated on the server (MB)",
+            "Memory capacity of the server (Server spec.memory, MB)",
             metrics.memory_capacity.clone(),
         );
         registry.register(
             "storage_capacity_mb",
-            "Storage capacity annotated on the server (MB)",
+            "Storage capacity of the server (Server spec.storage, MB)",
             metrics.storage_capacity.clone(),
         );
         metrics
@@ -133,6 +154,21 @@ impl Metrics {
     /// Counts an admission status write.
     pub fn status_written(&self) {
         self.status_writes.inc();
+    }
+
+    /// Counts a ledger commit that met a conflict.
+    pub fn ledger_conflict(&self) {
+        self.ledger_conflicts.inc();
+    }
+
+    /// Counts a Container finalizer write.
+    pub fn finalizer_written(&self) {
+        self.finalizer_writes.inc();
+    }
+
+    /// Counts an admission that could not be completed.
+    pub fn admission_failed(&self) {
+        self.admission_failures.inc();
     }
 
     /// Records a server's capacity and reservations after a pass.

@@ -20,6 +20,7 @@ use uwsgi_it_domain::capacity::check_owner;
 use uwsgi_it_domain::ports::{MappingCandidate, MappingTarget, Proto, decide_mappings};
 
 use crate::Error;
+use crate::admission::AdmissionRecord;
 use crate::context::Context;
 use crate::facts::key_of;
 use crate::overlay::Overlay;
@@ -103,7 +104,7 @@ pub async fn reconcile(_mapping: Arc<PortMapping>, ctx: Arc<Context>) -> Result<
             None => MappingTarget::NotFound,
             Some(c) if c.metadata.deletion_timestamp.is_some() => MappingTarget::NotFound,
             Some(c) => {
-                let admission = ctx.admission.effective(c);
+                let admission = AdmissionRecord::cached(c);
                 match (admission.is_admitted(), admission.server) {
                     (true, Some(server)) => {
                         let owner = customers
@@ -148,7 +149,7 @@ pub async fn reconcile(_mapping: Arc<PortMapping>, ctx: Arc<Context>) -> Result<
         let container = containers.get(&(namespace, mapping.spec.container.clone()));
         let container_status = container.and_then(|c| c.status.clone()).unwrap_or_default();
         let admission = container
-            .map(|c| ctx.admission.effective(c))
+            .map(|c| AdmissionRecord::cached(c))
             .unwrap_or_default();
         let accepted = decision.is_accepted();
         let (reason, message) = match &decision.result {

@@ -2,6 +2,11 @@
 //! updated with optimistic concurrency (resourceVersion), so a uid is never handed out twice —
 //! not after a deletion, not across controller restarts, not by two controllers racing during a
 //! leader hand-over.
+//!
+//! The mark is one of two records: every Server's ledger also keeps the highest uid it ever
+//! admitted (`status.highestUid`, which its schema lets only grow). Allocation starts above both,
+//! so a mark edited down hands out nothing already used; a mark that is missing while uids exist
+//! fails closed: no uid is handed out until a person restores it.
 
 use std::collections::BTreeMap;
 
@@ -30,6 +35,18 @@ pub enum UidStoreError {
         name: String,
         /// What it holds.
         value: String,
+    },
+    /// The record is missing although uids were handed out: restoring it is a person's call.
+    #[error(
+        "the uid record (ConfigMap {name}, key {KEY}) is missing although uids up to {highest} \
+         are recorded; no uid is handed out until it is restored with {KEY} at least {highest} \
+         (higher if containers were deleted since)"
+    )]
+    RecordMissing {
+        /// ConfigMap name.
+        name: String,
+        /// The highest uid recorded elsewhere (ledgers, containers).
+        highest: u32,
     },
     /// No uid left.
     #[error(transparent)]
@@ -93,11 +110,12 @@ impl UidStore {
         }
     }
 
-    /// Hands out one new uid per key (older keys get lower uids). The new mark is persisted
-    /// before this returns, so a crash afterwards can waste uids but never reuse one.
+    /// Hands out one new uid per key (older keys get lower uids), above the mark and above
+    /// `floor` (the highest uid recorded anywhere else). The new mark is persisted before this
+    /// returns, so a crash afterwards can waste uids but never reuse one.
     pub async fn allocate(
         &self,
-        in_use: &[u32],
+        floor: u32,
         needing: &[ObjectKey],
     ) -> Result<UidAllocation, UidStoreError> {
         let mut cached = self.cached.lock().await;
@@ -106,7 +124,15 @@ impl UidStore {
                 *cached = Some(self.load().await?);
             }
             let current = cached.as_ref().expect("loaded above");
-            let allocation = allocate_uids(current.mark, in_use.iter().copied(), needing)?;
+            if current.mark.is_none() && floor >= uwsgi_it_domain::identity::FIRST_UID {
+                // Loaded again on the next call: a restored record is used at once.
+                *cached = None;
+                return Err(UidStoreError::RecordMissing {
+                    name: self.name.clone(),
+                    highest: floor,
+                });
+            }
+            let allocation = allocate_uids(current.mark, [floor], needing)?;
             if needing.is_empty() || Some(allocation.high_water_mark) == current.mark {
                 return Ok(allocation);
             }
@@ -141,6 +167,10 @@ impl UidStore {
                 // Someone else moved the mark (or created the map) since we read it: read again
                 // and allocate above the new mark.
                 Err(kube::Error::Api(status)) if status.code == 409 => {
+                    *cached = None;
+                }
+                // Deleted since it was read: read again, which fails closed if uids exist.
+                Err(kube::Error::Api(status)) if status.code == 404 => {
                     *cached = None;
                 }
                 Err(e) => {

@@ -1,7 +1,7 @@
 //! Admission: **the system never oversells a server**.
 //!
-//! Every server (a Node labelled `uwsgi.it/server=true`) has a memory and a storage capacity in
-//! MB, set by the supplier in annotations. Each admitted container holds a *reservation*; the
+//! Every server (a `Server` resource, named after its Node) has a memory and a storage capacity
+//! in MB, set by the supplier in its spec. Each admitted container holds a *reservation*; the
 //! sum of the reservations on a server never exceeds its capacity, with one exception the
 //! supplier causes: lowering the capacity below what is already reserved evicts nothing. The
 //! server is then *overcommitted* — reported, and closed to new admissions and growth until
@@ -12,7 +12,7 @@
 //! candidates, never on their order or on the order events arrived in.
 //!
 //! Where a container goes is decided before admission: [`resolve_server`] turns the `server`
-//! field (a node name or a public address) into a [`Server`] with its capacity, and
+//! field (a Server's name or a public address) into the [`ServerFacts`] of one Server, and
 //! [`check_owner`] checks the customer owns it. Their errors ([`PlacementError`]) are refusals
 //! too; a container that holds a reservation but fails them later (the customer lost the
 //! server) is still passed to [`admit`] with [`Candidate::blocked`] set, so its reservation keeps
@@ -21,13 +21,6 @@
 use std::fmt;
 
 use crate::identity::ObjectKey;
-
-/// Label that makes a Node a server.
-pub const SERVER_LABEL: &str = "uwsgi.it/server";
-/// Node annotation with the memory capacity in MB.
-pub const MEMORY_ANNOTATION: &str = "uwsgi.it/memory";
-/// Node annotation with the storage capacity in MB.
-pub const STORAGE_ANNOTATION: &str = "uwsgi.it/storage";
 
 /// An amount of memory and storage, in MB (1 MB = 1 MiB, as in uwsgi.it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,7 +64,7 @@ impl fmt::Display for Resources {
 pub struct Server {
     /// The Node's name (what `status.server` and Customer `spec.servers` hold).
     pub name: String,
-    /// Capacity from the Node's annotations; the supplier may lower it at any time.
+    /// Capacity from the Server's spec; the supplier may lower it at any time.
     pub capacity: Resources,
 }
 
@@ -265,52 +258,32 @@ impl Refusal {
 /// Why a container cannot be placed on the server it names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 pub enum PlacementError {
-    /// No node has this name or public address.
-    #[error("server {server}: no node has this name or public address")]
+    /// No Server has this name or public address.
+    #[error("server {server}: no Server has this name or public address")]
     UnknownServer {
         /// What `spec.server` says.
         server: String,
     },
-    /// The node exists but is not labelled as a server.
-    #[error("node {node} is not a server: it lacks the label {SERVER_LABEL}=true")]
-    NotAServer {
-        /// The node's name.
-        node: String,
+    /// The Server exists but no Node of its name does: nothing could run there.
+    #[error("server {server}: no Node named {server} exists, so nothing can run there")]
+    NoNode {
+        /// The Server's name.
+        server: String,
     },
-    /// A capacity annotation is missing.
-    #[error("server {node}: capacity annotation {annotation} (MB) is missing")]
-    MissingCapacity {
-        /// The node's name.
-        node: String,
-        /// Which annotation.
-        annotation: &'static str,
-    },
-    /// A capacity annotation is not a whole number of MB.
-    #[error(
-        "server {node}: capacity annotation {annotation} is {value:?}, not a whole number of MB"
-    )]
-    InvalidCapacity {
-        /// The node's name.
-        node: String,
-        /// Which annotation.
-        annotation: &'static str,
-        /// Its value.
-        value: String,
-    },
-    /// Several servers share the public address `spec.server` names.
-    #[error("address {address} belongs to several servers ({}); name the node instead", nodes.join(", "))]
+    /// Several Servers share the public address `spec.server` names.
+    #[error("address {address} belongs to several servers ({}); name the Server instead", servers.join(", "))]
     AmbiguousAddress {
         /// The address.
         address: String,
-        /// The servers having it, sorted.
-        nodes: Vec<String>,
+        /// The Servers having it, sorted.
+        servers: Vec<String>,
     },
     /// The customer does not own the server (Customer `spec.servers`).
     #[error("customer {customer} does not own server {server}")]
     NotOwner {
         /// The Customer's name.
         customer: String,
-        /// The server's node name.
+        /// The Server's name.
         server: String,
     },
 }
@@ -320,103 +293,59 @@ impl PlacementError {
     pub fn reason(&self) -> &'static str {
         match self {
             PlacementError::UnknownServer { .. } => "ServerUnknown",
-            PlacementError::NotAServer { .. } => "NotAServer",
-            PlacementError::MissingCapacity { .. } => "NoCapacity",
-            PlacementError::InvalidCapacity { .. } => "InvalidCapacity",
+            PlacementError::NoNode { .. } => "NodeMissing",
             PlacementError::AmbiguousAddress { .. } => "AmbiguousServer",
             PlacementError::NotOwner { .. } => "ServerNotOwned",
         }
     }
 }
 
-/// What the controller knows about one Node, for [`resolve_server`].
+/// What the controller knows about one Server, for [`resolve_server`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct NodeFacts {
-    /// The Node's name.
+pub struct ServerFacts {
+    /// The Server's name (the name of its Node).
     pub name: String,
-    /// Whether it has the label `uwsgi.it/server=true`.
-    pub is_server: bool,
-    /// The `uwsgi.it/memory` annotation, verbatim.
-    pub memory: Option<String>,
-    /// The `uwsgi.it/storage` annotation, verbatim.
-    pub storage: Option<String>,
-    /// Its public address (`uwsgi.it/address`, else ExternalIP, else InternalIP).
+    /// Its capacity (`spec.memory`, `spec.storage`).
+    pub capacity: Resources,
+    /// Its effective public address (see [`crate::address::public_address`]).
     pub address: Option<String>,
 }
 
-/// Finds the server a container's `spec.server` names and reads its capacity.
-///
-/// `server` is a node name or, as in the uwsgi.it API, a server's public address. A node name
-/// wins over an address. Once a container is admitted the controller should resolve
-/// `status.server` (a node name) instead, so a moved address never moves a container.
-pub fn resolve_server(server: &str, nodes: &[NodeFacts]) -> Result<Server, PlacementError> {
-    if let Some(node) = nodes.iter().find(|n| n.name == server) {
-        return server_of(node);
+/// Finds the Server a container's `spec.server` names: a Server's name or, as in the uwsgi.it
+/// API, a server's public address. A name wins over an address. Once a container is admitted
+/// the controller uses `status.server` (a name) instead, so a moved address never moves a
+/// container.
+pub fn resolve_server<'a>(
+    server: &str,
+    servers: &'a [ServerFacts],
+) -> Result<&'a ServerFacts, PlacementError> {
+    if let Some(by_name) = servers.iter().find(|s| s.name == server) {
+        return Ok(by_name);
     }
-    let mut by_address: Vec<&NodeFacts> = nodes
+    let mut by_address: Vec<&ServerFacts> = servers
         .iter()
-        .filter(|n| !server.is_empty() && n.address.as_deref() == Some(server))
+        .filter(|s| !server.is_empty() && s.address.as_deref() == Some(server))
         .collect();
     by_address.sort_by(|a, b| a.name.cmp(&b.name));
-    let servers: Vec<&NodeFacts> = by_address.iter().copied().filter(|n| n.is_server).collect();
-    match (servers.as_slice(), by_address.first()) {
-        ([one], _) => server_of(one),
-        ([], Some(node)) => server_of(node),
-        ([], None) => Err(PlacementError::UnknownServer {
+    match by_address.as_slice() {
+        [one] => Ok(one),
+        [] => Err(PlacementError::UnknownServer {
             server: server.to_owned(),
         }),
-        (many, _) => Err(PlacementError::AmbiguousAddress {
+        many => Err(PlacementError::AmbiguousAddress {
             address: server.to_owned(),
-            nodes: many.iter().map(|n| n.name.clone()).collect(),
+            servers: many.iter().map(|s| s.name.clone()).collect(),
         }),
     }
 }
 
-fn server_of(node: &NodeFacts) -> Result<Server, PlacementError> {
-    if !node.is_server {
-        return Err(PlacementError::NotAServer {
-            node: node.name.clone(),
-        });
-    }
-    Ok(Server {
-        name: node.name.clone(),
-        capacity: parse_capacity(&node.name, node.memory.as_deref(), node.storage.as_deref())?,
-    })
-}
-
-/// Reads a server's capacity from its `uwsgi.it/memory` and `uwsgi.it/storage` annotations:
-/// whole numbers of MB (surrounding blanks ignored). `0` is valid: a server closed to new
-/// containers.
-pub fn parse_capacity(
-    node: &str,
-    memory: Option<&str>,
-    storage: Option<&str>,
-) -> Result<Resources, PlacementError> {
-    let parse = |annotation: &'static str, value: Option<&str>| {
-        let value = value.ok_or_else(|| PlacementError::MissingCapacity {
-            node: node.to_owned(),
-            annotation,
-        })?;
-        let trimmed = value.trim();
-        // `u64::from_str` alone would accept a leading `+`.
-        if trimmed.is_empty() || !trimmed.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(invalid(node, annotation, value));
+impl ServerFacts {
+    /// The server as admission sees it.
+    pub fn server(&self) -> Server {
+        Server {
+            name: self.name.clone(),
+            capacity: self.capacity,
         }
-        trimmed
-            .parse::<u64>()
-            .map_err(|_| invalid(node, annotation, value))
-    };
-    Ok(Resources::new(
-        parse(MEMORY_ANNOTATION, memory)?,
-        parse(STORAGE_ANNOTATION, storage)?,
-    ))
-}
-
-fn invalid(node: &str, annotation: &'static str, value: &str) -> PlacementError {
-    PlacementError::InvalidCapacity {
-        node: node.to_owned(),
-        annotation,
-        value: value.to_owned(),
     }
 }
 
@@ -1066,46 +995,33 @@ mod tests {
         assert_eq!(refusal(&out, "a").reason(), "InsufficientMemory");
     }
 
-    fn node(
-        name: &str,
-        server: bool,
-        mem: Option<&str>,
-        st: Option<&str>,
-        addr: Option<&str>,
-    ) -> NodeFacts {
-        NodeFacts {
+    fn facts(name: &str, mem: u64, st: u64, addr: Option<&str>) -> ServerFacts {
+        ServerFacts {
             name: name.into(),
-            is_server: server,
-            memory: mem.map(Into::into),
-            storage: st.map(Into::into),
+            capacity: Resources::new(mem, st),
             address: addr.map(Into::into),
         }
     }
 
-    fn cluster() -> Vec<NodeFacts> {
+    fn cluster() -> Vec<ServerFacts> {
         vec![
-            node(
-                "node-a",
-                true,
-                Some("4096"),
-                Some("100000"),
-                Some("203.0.113.10"),
-            ),
-            node("node-b", true, Some("2048"), None, Some("203.0.113.11")),
-            node("control", false, None, None, Some("203.0.113.1")),
-            node("twin-1", true, Some("1"), Some("1"), Some("203.0.113.20")),
-            node("twin-2", true, Some("1"), Some("1"), Some("203.0.113.20")),
+            facts("node-a", 4096, 100000, Some("203.0.113.10")),
+            facts("node-b", 2048, 1, Some("203.0.113.11")),
+            facts("twin-1", 1, 1, Some("203.0.113.20")),
+            facts("twin-2", 1, 1, Some("203.0.113.20")),
         ]
     }
 
     #[test]
-    fn resolve_server_by_node_name() {
+    fn resolve_server_by_name() {
+        let cluster = cluster();
+        let found = resolve_server("node-a", &cluster).unwrap();
         assert_eq!(
-            resolve_server("node-a", &cluster()),
-            Ok(Server {
+            found.server(),
+            Server {
                 name: "node-a".into(),
                 capacity: Resources::new(4096, 100000),
-            })
+            }
         );
     }
 
@@ -1118,43 +1034,26 @@ mod tests {
     }
 
     #[test]
+    fn a_name_wins_over_an_address() {
+        let mut cluster = cluster();
+        cluster.push(facts("203.0.113.10", 1, 1, None));
+        assert_eq!(
+            resolve_server("203.0.113.10", &cluster).unwrap().name,
+            "203.0.113.10"
+        );
+    }
+
+    #[test]
     fn resolve_server_unknown() {
         let err = resolve_server("nowhere", &cluster()).unwrap_err();
         assert_eq!(err.reason(), "ServerUnknown");
         assert_eq!(
             err.to_string(),
-            "server nowhere: no node has this name or public address"
+            "server nowhere: no Server has this name or public address"
         );
         assert_eq!(
             resolve_server("", &cluster()).unwrap_err().reason(),
             "ServerUnknown"
-        );
-    }
-
-    #[test]
-    fn resolve_server_refuses_a_node_without_the_label() {
-        for name in ["control", "203.0.113.1"] {
-            let err = resolve_server(name, &cluster()).unwrap_err();
-            assert_eq!(
-                err,
-                PlacementError::NotAServer {
-                    node: "control".into()
-                }
-            );
-            assert_eq!(
-                err.to_string(),
-                "node control is not a server: it lacks the label uwsgi.it/server=true"
-            );
-        }
-    }
-
-    #[test]
-    fn resolve_server_refuses_a_server_without_capacity_annotations() {
-        let err = resolve_server("node-b", &cluster()).unwrap_err();
-        assert_eq!(err.reason(), "NoCapacity");
-        assert_eq!(
-            err.to_string(),
-            "server node-b: capacity annotation uwsgi.it/storage (MB) is missing"
         );
     }
 
@@ -1164,51 +1063,19 @@ mod tests {
         assert_eq!(err.reason(), "AmbiguousServer");
         assert_eq!(
             err.to_string(),
-            "address 203.0.113.20 belongs to several servers (twin-1, twin-2); name the node instead"
+            "address 203.0.113.20 belongs to several servers (twin-1, twin-2); name the Server instead"
         );
     }
 
     #[test]
-    fn parse_capacity_accepts_whole_megabytes_and_zero() {
+    fn a_missing_node_is_named() {
+        let err = PlacementError::NoNode {
+            server: "node-a".into(),
+        };
+        assert_eq!(err.reason(), "NodeMissing");
         assert_eq!(
-            parse_capacity("n", Some("1024"), Some(" 0 ")),
-            Ok(Resources::new(1024, 0))
-        );
-    }
-
-    #[test]
-    fn parse_capacity_rejects_anything_but_whole_megabytes() {
-        for bad in [
-            "",
-            " ",
-            "-1",
-            "+5",
-            "1.5",
-            "1Gi",
-            "1e3",
-            "18446744073709551616",
-        ] {
-            let err = parse_capacity("n", Some(bad), Some("1")).unwrap_err();
-            assert_eq!(
-                err,
-                PlacementError::InvalidCapacity {
-                    node: "n".into(),
-                    annotation: MEMORY_ANNOTATION,
-                    value: bad.into(),
-                },
-                "{bad:?}"
-            );
-            assert_eq!(err.reason(), "InvalidCapacity");
-        }
-        assert_eq!(
-            parse_capacity("n", Some("1"), Some("lots"))
-                .unwrap_err()
-                .to_string(),
-            "server n: capacity annotation uwsgi.it/storage is \"lots\", not a whole number of MB"
-        );
-        assert_eq!(
-            parse_capacity("n", None, Some("1")).unwrap_err().reason(),
-            "NoCapacity"
+            err.to_string(),
+            "server node-a: no Node named node-a exists, so nothing can run there"
         );
     }
 

@@ -61,6 +61,9 @@ pub struct OperatorConfig {
     pub customer_cluster_role: String,
     /// ConfigMap (in the controller's namespace) holding the uid high-water mark.
     pub uid_store: String,
+    /// How long the deletion of a container waits for its server's agent to release the home
+    /// before it completes anyway (with a Warning; the home is left where it is).
+    pub release_timeout: Duration,
 }
 
 impl Default for OperatorConfig {
@@ -77,6 +80,7 @@ impl Default for OperatorConfig {
             log_level: "info".into(),
             customer_cluster_role: "uwsgi-it-customer".into(),
             uid_store: "uwsgi-it-uids".into(),
+            release_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -96,6 +100,9 @@ pub enum ConfigError {
     /// `portForward.resyncPeriod` is not a duration.
     #[error("portForward.resyncPeriod {0:?} must be a duration like 30s, 5m or 1h, at least 1s")]
     ResyncPeriod(String),
+    /// `releaseTimeout` is not a duration.
+    #[error("releaseTimeout {0:?} must be a duration like 30s, 5m or 1h, at least 1s")]
+    ReleaseTimeout(String),
     /// A `distros` entry is empty.
     #[error("distros.{0}: the image must not be empty")]
     DistroImage(String),
@@ -118,6 +125,7 @@ struct RawConfig {
     log_level: Option<String>,
     customer_cluster_role: Option<String>,
     uid_store: Option<String>,
+    release_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -166,6 +174,10 @@ impl OperatorConfig {
             defaults.customer_cluster_role,
         )?;
         let uid_store = non_empty("uidStore", raw.uid_store, defaults.uid_store)?;
+        let release_timeout = match raw.release_timeout {
+            Some(text) => parse_duration(&text).ok_or(ConfigError::ReleaseTimeout(text))?,
+            None => defaults.release_timeout,
+        };
         Ok(OperatorConfig {
             home_root,
             home_retention: raw.home_retention.unwrap_or_default(),
@@ -178,6 +190,7 @@ impl OperatorConfig {
             log_level,
             customer_cluster_role,
             uid_store,
+            release_timeout,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! be tested exhaustively and property-tested for its invariants. The controller and the agent
 //! translate API objects into these inputs and carry out the decisions.
 
+pub mod address;
 pub mod capacity;
 pub mod config;
 pub mod distro;

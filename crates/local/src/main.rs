@@ -469,17 +469,19 @@ portForward:
         Ok(())
     }
 
-    /// examples/00-server-node.yaml for one of [`NODES`], written into the work directory.
+    /// The Node (which a kubelet would register; the stand-in does not) and
+    /// examples/00-server.yaml for one of [`NODES`], written into the work directory.
     fn adapt_node(&self, name: &str, address: Ipv4Addr) -> Result<PathBuf> {
-        let text = std::fs::read_to_string(uwsgi_it_testbed::chart::repo_path(
-            "examples/00-server-node.yaml",
+        let server = std::fs::read_to_string(uwsgi_it_testbed::chart::repo_path(
+            "examples/00-server.yaml",
         ))?
         .replace(EXAMPLE_NODE, name)
         .replace(EXAMPLE_ADDRESS, &address.to_string());
+        let text = format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n---\n{server}");
         let path = self
             .work_dir
             .join("examples")
-            .join(format!("00-server-node-{name}.yaml"));
+            .join(format!("00-server-{name}.yaml"));
         std::fs::create_dir_all(path.parent().expect("a parent"))?;
         std::fs::write(&path, text)?;
         Ok(path)
@@ -494,7 +496,7 @@ portForward:
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .filter(|p| !p.ends_with("00-server-node.yaml"))
+            .filter(|p| !p.ends_with("00-server.yaml"))
             .collect();
         files.sort();
         let customers: Api<Customer> = Api::all(admin.clone());

@@ -5,3 +5,4 @@ pub mod chart;
 pub mod control_plane;
 pub mod kubelet;
 pub mod netns;
+pub mod servers;

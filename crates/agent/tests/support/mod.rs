@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -29,9 +29,7 @@ use tokio::task::JoinHandle;
 use uwsgi_it_agent::metrics::Metrics;
 use uwsgi_it_agent::{Agent, AgentOptions, NetworkNamespace};
 use uwsgi_it_api::condition::{self, Condition};
-use uwsgi_it_api::well_known::{
-    ADDRESS_ANNOTATION, CONTROLLER_MANAGER, MEMORY_ANNOTATION, SERVER_LABEL, STORAGE_ANNOTATION,
-};
+use uwsgi_it_api::well_known::CONTROLLER_MANAGER;
 use uwsgi_it_api::{Container, PortMapping};
 use uwsgi_it_domain::config::OperatorConfig;
 use uwsgi_it_testbed::control_plane::ControlPlane;
@@ -199,23 +197,21 @@ impl World {
                 _home_dir: home_dir,
                 netns,
             });
-            let node: Node = serde_json::from_value(json!({
-                "metadata": {
-                    "name": name,
-                    "labels": {SERVER_LABEL: "true"},
-                    "annotations": {
-                        MEMORY_ANNOTATION: "16000",
-                        STORAGE_ANNOTATION: "500000",
-                        ADDRESS_ANNOTATION: public.to_string(),
-                    },
+            let cidr = format!("10.244.{index}.0/24");
+            let public_text = public.to_string();
+            uwsgi_it_testbed::servers::declare(
+                &client,
+                &name,
+                &uwsgi_it_testbed::servers::ServerSpec {
+                    memory: 16000,
+                    storage: 500000,
+                    address: Some(&public_text),
+                    pod_cidr: Some(&cidr),
                 },
-                "spec": {"podCIDR": format!("10.244.{index}.0/24")},
-            }))
+                true,
+            )
+            .await
             .unwrap();
-            Api::<Node>::all(client.clone())
-                .create(&PostParams::default(), &node)
-                .await
-                .unwrap();
             world.cluster_objects.push(("node", name));
         }
         let kubelet_nodes = world
@@ -310,10 +306,10 @@ impl Drop for World {
                 for (kind, name) in objects {
                     let params = DeleteParams::default();
                     let _ = match kind {
-                        "node" => Api::<Node>::all(client.clone())
-                            .delete(&name, &params)
-                            .await
-                            .map(|_| ()),
+                        "node" => {
+                            uwsgi_it_testbed::servers::remove(&client, &name).await;
+                            Ok(())
+                        }
                         _ => Api::<uwsgi_it_api::Customer>::all(client.clone())
                             .delete(&name, &params)
                             .await

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Client, Resource};
@@ -117,7 +117,8 @@ impl RunningController {
         })
     }
 
-    fn start_with(
+    /// Starts a controller whose options `configure` adjusts first.
+    pub fn start_with(
         plane: &'static ControlPlane,
         namespace: String,
         configure: impl FnOnce(&mut uwsgi_it_controller::Options) + Send + 'static,
@@ -191,36 +192,21 @@ pub async fn plane_and_controller() -> &'static ControlPlane {
     plane
 }
 
-/// Creates (or updates) a server Node with capacity annotations and a public address.
-pub async fn server_node(
-    client: &Client,
-    name: &str,
-    memory: u64,
-    storage: u64,
-    address: &str,
-) -> Node {
-    let nodes: Api<Node> = Api::all(client.clone());
-    let node = json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": {"uwsgi.it/server": "true"},
-            "annotations": {
-                "uwsgi.it/memory": memory.to_string(),
-                "uwsgi.it/storage": storage.to_string(),
-                "uwsgi.it/address": address,
-            },
+/// Declares a server as a supplier does: its Node and its `Server` with capacity and address.
+pub async fn server_node(client: &Client, name: &str, memory: u64, storage: u64, address: &str) {
+    uwsgi_it_testbed::servers::declare(
+        client,
+        name,
+        &uwsgi_it_testbed::servers::ServerSpec {
+            memory,
+            storage,
+            address: Some(address),
+            pod_cidr: None,
         },
-    });
-    nodes
-        .patch(
-            name,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&node),
-        )
-        .await
-        .expect("server node")
+        true,
+    )
+    .await
+    .expect("server");
 }
 
 /// Creates a Customer owning `servers` with its namespace named after it.
