@@ -247,13 +247,20 @@ fn trim_node(node: &mut Node) {
 type Task = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One watch of every object of kind `K`, reflected into a store that every controller shares
-/// (and into an optional index), with subscribers for the controllers it triggers.
+/// (and into an optional index), fanned out to the controllers it triggers.
+///
+/// The fan-out sends the objects themselves. kube-runtime's own shared streams send references
+/// and look them up in the store when polled; a reference whose object was deleted in between
+/// (a create and a quick delete, or a relist that brought back an object a replayed event then
+/// deletes) leaves that subscriber pending with no waker, and its controller never hears of
+/// anything again.
 struct SharedWatch<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
     api: Api<K>,
     modify: fn(&mut K),
     index: Option<Arc<index::Index<K>>>,
     store: reflector::Store<K>,
     writer: reflector::store::Writer<K>,
+    subscribers: Vec<futures::channel::mpsc::Sender<Arc<K>>>,
 }
 
 impl<K> SharedWatch<K>
@@ -267,37 +274,74 @@ where
         + 'static,
 {
     fn new(api: Api<K>, modify: fn(&mut K), index: Option<Arc<index::Index<K>>>) -> Self {
-        let (store, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
+        let (store, writer) = reflector::store();
         SharedWatch {
             api,
             modify,
             index,
             store,
             writer,
+            subscribers: Vec::new(),
         }
     }
 
-    /// A stream of the objects the watch sees, for one controller.
-    fn subscribe(&self) -> reflector::ReflectHandle<K> {
-        self.writer
-            .subscribe()
-            .expect("a shared store's writer dispatches events")
+    /// A stream of the objects the watch sees (applied or relisted), for one controller. A
+    /// subscriber that lags by more than [`SUBSCRIBER_BUFFER`] objects slows the watch down.
+    fn subscribe(&mut self) -> futures::channel::mpsc::Receiver<Arc<K>> {
+        let (sender, receiver) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
+        self.subscribers.push(sender);
+        receiver
     }
 
-    /// The watch itself: (consistent) list, then watch, reflected into the store and index.
+    /// The watch itself: (consistent) list, then watch, reflected into the store and index,
+    /// then handed to every subscriber (a relist's objects once it is complete).
     fn run(self) -> Task {
         let index = self.index;
-        let stream = watcher(self.api, watcher::Config::default())
-            .default_backoff()
-            .modify(self.modify)
-            .reflect_shared(self.writer)
-            .for_each(move |event| {
-                if let (Ok(event), Some(index)) = (&event, &index) {
-                    index.observe(event);
+        let subscribers = self.subscribers;
+        let stream = reflector::reflector(
+            self.writer,
+            watcher(self.api, watcher::Config::default())
+                .default_backoff()
+                .modify(self.modify),
+        );
+        let relisted: Vec<Arc<K>> = Vec::new();
+        let task = stream.fold(
+            (subscribers, relisted),
+            move |(mut subscribers, mut relisted), event| {
+                let index = index.clone();
+                async move {
+                    let Ok(event) = event else {
+                        return (subscribers, relisted);
+                    };
+                    if let Some(index) = &index {
+                        index.observe(&event);
+                    }
+                    let ready = match event {
+                        watcher::Event::Apply(object) => vec![Arc::new(object)],
+                        watcher::Event::Init => {
+                            relisted.clear();
+                            Vec::new()
+                        }
+                        watcher::Event::InitApply(object) => {
+                            relisted.push(Arc::new(object));
+                            Vec::new()
+                        }
+                        watcher::Event::InitDone => std::mem::take(&mut relisted),
+                        watcher::Event::Delete(_) => Vec::new(),
+                    };
+                    for object in ready {
+                        for subscriber in &mut subscribers {
+                            use futures::SinkExt;
+                            let _ = subscriber.send(Arc::clone(&object)).await;
+                        }
+                    }
+                    (subscribers, relisted)
                 }
-                futures::future::ready(())
-            });
-        Box::pin(stream)
+            },
+        );
+        Box::pin(async move {
+            task.await;
+        })
     }
 }
 
@@ -335,14 +379,14 @@ impl ServerRefs {
 impl Controllers {
     fn new(client: Client, options: &Options, metrics: Metrics) -> Self {
         let container_index = Arc::new(index::Index::new(context::container_keys));
-        let container_watch = SharedWatch::new(
+        let mut container_watch = SharedWatch::new(
             Api::<Container>::all(client.clone()),
             trim,
             Some(Arc::clone(&container_index)),
         );
-        let server_watch = SharedWatch::new(Api::<Server>::all(client.clone()), trim, None);
-        let customer_watch = SharedWatch::new(Api::<Customer>::all(client.clone()), trim, None);
-        let node_watch = SharedWatch::new(Api::<Node>::all(client.clone()), trim_node, None);
+        let mut server_watch = SharedWatch::new(Api::<Server>::all(client.clone()), trim, None);
+        let mut customer_watch = SharedWatch::new(Api::<Customer>::all(client.clone()), trim, None);
+        let mut node_watch = SharedWatch::new(Api::<Node>::all(client.clone()), trim_node, None);
         let container_store = container_watch.store.clone();
         let server_store = server_watch.store.clone();
         let customer_store = customer_watch.store.clone();
@@ -633,4 +677,22 @@ fn error_policy<K: kube::Resource<DynamicType = ()>>(
     warn!(object = %key, %error, "reconciliation failed; retrying with backoff");
     ctx.metrics.reconcile_failed(controller_label::<K>());
     ctx.backoff(&key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_identity_differs_per_process_start() {
+        let a = default_identity();
+        std::thread::sleep(Duration::from_millis(1));
+        let b = default_identity();
+        assert_ne!(
+            a, b,
+            "two replicas started apart must not share an identity"
+        );
+        assert!(a.contains(&std::process::id().to_string()), "{a}");
+        assert_ne!(a, format!("uwsgi-it-controller-{}", std::process::id()));
+    }
 }

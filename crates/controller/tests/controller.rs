@@ -676,3 +676,85 @@ async fn a_customer_user_creates_a_container_and_sees_it_admitted_but_cannot_del
         "still there: a customer never deletes a Container"
     );
 }
+
+fn ready_reason(customer: &Customer) -> Option<(String, String, String)> {
+    customer
+        .status
+        .as_ref()
+        .and_then(|s| condition::find(&s.conditions, "Ready"))
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn a_namespace_belongs_to_the_first_customer_and_never_to_one_that_is_not_a_customers() {
+    let client = client().await;
+    server_node(&client, "claim-1", 4000, 100000, "203.0.113.24").await;
+    customer(&client, "claim-first", &["claim-1"], &[]).await;
+    let customers: Api<Customer> = Api::all(client.clone());
+    let second: Customer = serde_json::from_value(json!({
+        "apiVersion": "uwsgi.it/v1alpha1", "kind": "Customer",
+        "metadata": {"name": "claim-second"},
+        "spec": {"namespace": "claim-first", "servers": ["claim-1"], "users": ["mallory"]},
+    }))
+    .unwrap();
+    customers
+        .create(&PostParams::default(), &second)
+        .await
+        .unwrap();
+    let refused = wait_for(&customers, "claim-second", |c: &Customer| {
+        ready_reason(c).is_some()
+    })
+    .await;
+    let (status, reason, message) = ready_reason(&refused).unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NamespaceClaimed")
+    );
+    assert!(message.contains("claim-first"), "{message}");
+    // The first keeps it: its RoleBinding does not bind the second's users.
+    let binding =
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), "claim-first")
+            .get("uwsgi-it-customer")
+            .await
+            .unwrap();
+    let subjects = serde_json::to_string(&binding.subjects).unwrap();
+    assert!(!subjects.contains("mallory"), "{subjects}");
+
+    // A namespace that exists without being a customer's is never taken over.
+    let system: Customer = serde_json::from_value(json!({
+        "apiVersion": "uwsgi.it/v1alpha1", "kind": "Customer",
+        "metadata": {"name": "claim-system"},
+        "spec": {"namespace": "kube-system", "users": ["mallory"]},
+    }))
+    .unwrap();
+    customers
+        .create(&PostParams::default(), &system)
+        .await
+        .unwrap();
+    let refused = wait_for(&customers, "claim-system", |c: &Customer| {
+        ready_reason(c).is_some()
+    })
+    .await;
+    let (status, reason, _) = ready_reason(&refused).unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NamespaceNotCustomers")
+    );
+    let kube_system = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get("kube-system")
+        .await
+        .unwrap();
+    assert!(
+        !kube_system
+            .labels()
+            .contains_key(uwsgi_it_api::well_known::CUSTOMER_LABEL),
+        "kube-system was labelled as a customer's"
+    );
+    assert!(
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(client.clone(), "kube-system")
+            .get_opt("uwsgi-it-customer")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -3,6 +3,7 @@
 
 pub mod chart;
 pub mod control_plane;
+pub mod fault_proxy;
 pub mod kubelet;
 pub mod netns;
 pub mod servers;
