@@ -603,9 +603,11 @@ async fn latency(plane: &ControlPlane) -> Result<Vec<Duration>> {
     for i in 0..LATENCY_SAMPLES {
         // Idle: nothing else in flight.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let name = container_name(i);
+        // Named by its Server's name (not its address): the first of every three.
+        let index = i * 3 + 1;
+        let name = container_name(index);
         let started = Instant::now();
-        api.create(&PostParams::default(), &container_manifest(i * 3 + 1, 1))
+        api.create(&PostParams::default(), &container_manifest(index, 1))
             .await?;
         loop {
             let c = tokio::time::timeout(Duration::from_secs(60), events.try_next())

@@ -270,8 +270,7 @@ async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
                     container.spec.server == name
                         || container.status.as_ref().and_then(|s| s.server.as_deref())
                             == Some(name.as_str())
-                        || resolve_server(&container.spec.server, &ctx.all_server_facts())
-                            .is_ok_and(|s| s.name == name)
+                        || ctx.servers_with_address(&container.spec.server) == [name.as_str()]
                 }
                 _ => false,
             };
@@ -410,18 +409,20 @@ fn own_status_uid(ctx: &Context, object: &str, container: &Container) -> Option<
 /// The highest uid recorded anywhere the controller can see: every Server's `highestUid` and
 /// ledger, and this pass's containers. Allocation starts above it whatever the record says.
 fn uid_floor(ctx: &Context, resolved: &Resolved) -> u32 {
+    // Every commit keeps `highestUid` at or above its ledger's uids, so the other Servers are
+    // read by that one field (O(servers)); this pass's own ledger is read whole.
     let servers = ctx.servers.state();
     let recorded = servers
         .iter()
-        .map(|s| s.as_ref())
-        .chain(std::iter::once(&resolved.server))
-        .flat_map(|s| {
-            let status = s.status.as_ref();
-            status
-                .and_then(|st| st.highest_uid)
-                .into_iter()
-                .chain(s.ledger().iter().map(|e| e.uid))
-        });
+        .filter_map(|s| s.status.as_ref().and_then(|st| st.highest_uid))
+        .chain(
+            resolved
+                .server
+                .status
+                .as_ref()
+                .and_then(|st| st.highest_uid),
+        )
+        .chain(resolved.server.ledger().iter().map(|e| e.uid));
     let seen = resolved
         .containers
         .values()

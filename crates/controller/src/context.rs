@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, Recorder};
+use kube::runtime::events::Event;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
@@ -38,6 +38,12 @@ pub struct Context {
     /// Containers by the server they name ([`server_key`]) and by namespace
     /// ([`namespace_key`]).
     pub container_index: Arc<Index<Container>>,
+    /// PortMappings by the container they forward to ([`mapping_key`]).
+    pub mapping_index: Arc<Index<PortMapping>>,
+    /// Servers by their declared address ([`address_key`]).
+    pub server_index: Arc<Index<Server>>,
+    /// CustomDistros by namespace ([`namespace_key`]).
+    pub distro_index: Arc<Index<CustomDistro>>,
     /// Cache of Customers.
     pub customers: Store<Customer>,
     /// Cache of PortMappings.
@@ -45,7 +51,7 @@ pub struct Context {
     /// Cache of CustomDistros.
     pub distros: Store<CustomDistro>,
     /// Event recorder (events.k8s.io).
-    pub recorder: Recorder,
+    pub recorder: crate::events::Publisher,
     /// Containers whose reservation this controller released.
     pub released: Released,
     /// Port ownership serialisation and the last acceptance writes.
@@ -66,6 +72,40 @@ pub struct Context {
 /// `status.server` or `spec.server`.
 pub fn server_key(server: &str) -> String {
     format!("server:{server}")
+}
+
+/// The index key of the PortMappings of one container.
+pub fn mapping_key(namespace: &str, container: &str) -> String {
+    format!("container:{namespace}/{container}")
+}
+
+/// The index keys of a PortMapping: the container it forwards to.
+pub fn mapping_keys(mapping: &PortMapping) -> Vec<String> {
+    vec![mapping_key(
+        &mapping.namespace().unwrap_or_default(),
+        &mapping.spec.container,
+    )]
+}
+
+/// The index key of the Servers that declare `address`.
+pub fn address_key(address: &str) -> String {
+    format!("address:{address}")
+}
+
+/// The index keys of a Server: its declared address.
+pub fn server_keys(server: &Server) -> Vec<String> {
+    server
+        .spec
+        .address
+        .as_deref()
+        .map(address_key)
+        .into_iter()
+        .collect()
+}
+
+/// The index keys of a CustomDistro: its namespace.
+pub fn distro_keys(distro: &CustomDistro) -> Vec<String> {
+    vec![namespace_key(&distro.namespace().unwrap_or_default())]
 }
 
 /// The index key of the containers of one namespace.
@@ -95,7 +135,7 @@ impl Context {
         client: Client,
         config: Arc<OperatorConfig>,
         stores: Stores,
-        recorder: Recorder,
+        recorder: crate::events::Publisher,
         uids: UidStore,
         metrics: Metrics,
     ) -> Self {
@@ -106,6 +146,9 @@ impl Context {
             nodes: stores.nodes,
             servers: stores.servers,
             container_index: stores.container_index,
+            mapping_index: stores.mapping_index,
+            server_index: stores.server_index,
+            distro_index: stores.distro_index,
             customers: stores.customers,
             mappings: stores.mappings,
             distros: stores.distros,
@@ -157,6 +200,41 @@ impl Context {
             .collect()
     }
 
+    /// The CustomDistros of one namespace.
+    pub fn distros_in(&self, namespace: &str) -> Vec<Arc<CustomDistro>> {
+        self.distro_index
+            .get(&namespace_key(namespace))
+            .iter()
+            .filter_map(|r| self.distros.get(r))
+            .collect()
+    }
+
+    /// The names of the Servers whose effective public address is `address`, sorted: from the
+    /// index of `spec.address`, else (an address taken from a Node) by looking at every Server.
+    pub fn servers_with_address(&self, address: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .server_index
+            .get(&address_key(address))
+            .into_iter()
+            .filter_map(|r| self.servers.get(&r))
+            .filter(|s| {
+                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
+                crate::facts::server_address(s, node.as_deref()).as_deref() == Some(address)
+            })
+            .map(|s| s.name_any())
+            .collect();
+        if names.is_empty() {
+            names = self
+                .all_server_facts()
+                .into_iter()
+                .filter(|s| s.address.as_deref() == Some(address))
+                .map(|s| s.name)
+                .collect();
+        }
+        names.sort();
+        names
+    }
+
     /// The admission facts of every Server (O(servers): only for resolving an address).
     pub fn all_server_facts(&self) -> Vec<ServerFacts> {
         self.servers
@@ -194,6 +272,12 @@ pub struct Stores {
     pub servers: Store<Server>,
     /// The index of Containers.
     pub container_index: Arc<Index<Container>>,
+    /// The index of PortMappings.
+    pub mapping_index: Arc<Index<PortMapping>>,
+    /// The index of Servers.
+    pub server_index: Arc<Index<Server>>,
+    /// The index of CustomDistros.
+    pub distro_index: Arc<Index<CustomDistro>>,
     /// Customers.
     pub customers: Store<Customer>,
     /// PortMappings.

@@ -12,6 +12,7 @@ pub mod container;
 pub mod context;
 pub mod custom_distro;
 pub mod customer;
+pub mod events;
 pub mod facts;
 pub mod index;
 pub mod metrics;
@@ -30,7 +31,6 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -350,10 +350,35 @@ where
 struct ServerRefs {
     servers: reflector::Store<Server>,
     nodes: reflector::Store<Node>,
+    by_address: Arc<index::Index<Server>>,
 }
 
 impl ServerRefs {
+    /// Whether a container's change can change its server's decision: a new generation not
+    /// decided yet, the finalizer, the start of its deletion. Its status alone cannot (the
+    /// ledger is the truth), so the projection a pass writes, and the agent's reports, do not
+    /// start another pass.
+    fn concerns_admission(container: &Container) -> bool {
+        let status = container.status.as_ref();
+        container.metadata.deletion_timestamp.is_some()
+            || !container
+                .finalizers()
+                .iter()
+                .any(|f| f == uwsgi_it_api::well_known::CONTROLLER_FINALIZER)
+            || status.is_none_or(|s| {
+                s.observed_generation != container.metadata.generation
+                    || uwsgi_it_api::condition::find(
+                        &s.conditions,
+                        uwsgi_it_api::condition::ADMITTED,
+                    )
+                    .is_none()
+            })
+    }
+
     fn of_container(&self, container: &Container) -> Vec<ObjectRef<Server>> {
+        if !Self::concerns_admission(container) {
+            return Vec::new();
+        }
         let status = container.status.as_ref();
         if let Some(server) = status.and_then(|s| s.server.as_deref()) {
             return vec![ObjectRef::new(server)];
@@ -362,7 +387,13 @@ impl ServerRefs {
         if self.servers.get(&named).is_some() {
             return vec![named];
         }
-        // Named by address: rare, and the only case that looks at every Server.
+        // Named by a declared address: the index; by an address taken from a Node: every Server.
+        let declared = self
+            .by_address
+            .get(&context::address_key(&container.spec.server));
+        if !declared.is_empty() {
+            return declared;
+        }
         self.servers
             .state()
             .iter()
@@ -384,9 +415,28 @@ impl Controllers {
             trim,
             Some(Arc::clone(&container_index)),
         );
-        let mut server_watch = SharedWatch::new(Api::<Server>::all(client.clone()), trim, None);
+        let server_index = Arc::new(index::Index::new(context::server_keys));
+        let mut server_watch = SharedWatch::new(
+            Api::<Server>::all(client.clone()),
+            trim,
+            Some(Arc::clone(&server_index)),
+        );
         let mut customer_watch = SharedWatch::new(Api::<Customer>::all(client.clone()), trim, None);
         let mut node_watch = SharedWatch::new(Api::<Node>::all(client.clone()), trim_node, None);
+        let mapping_index = Arc::new(index::Index::new(context::mapping_keys));
+        let mut mapping_watch = SharedWatch::new(
+            Api::<PortMapping>::all(client.clone()),
+            trim,
+            Some(Arc::clone(&mapping_index)),
+        );
+        let distro_index = Arc::new(index::Index::new(context::distro_keys));
+        let mut distro_watch = SharedWatch::new(
+            Api::<CustomDistro>::all(client.clone()),
+            trim,
+            Some(Arc::clone(&distro_index)),
+        );
+        let mapping_store = mapping_watch.store.clone();
+        let distro_store = distro_watch.store.clone();
         let container_store = container_watch.store.clone();
         let server_store = server_watch.store.clone();
         let customer_store = customer_watch.store.clone();
@@ -397,7 +447,6 @@ impl Controllers {
             workload::MANAGED_BY.0,
             workload::MANAGED_BY.1
         ));
-        let consistent = watcher::Config::default();
 
         // Servers: admission. A container, a Customer's spec or a Node concerns the servers
         // they name, nothing else.
@@ -405,6 +454,7 @@ impl Controllers {
             let by_container = ServerRefs {
                 servers: server_store.clone(),
                 nodes: node_store.clone(),
+                by_address: Arc::clone(&server_index),
             };
             let seen_generations = Generations::default();
             Controller::for_shared_stream(server_watch.subscribe(), server_store.clone())
@@ -433,13 +483,9 @@ impl Controllers {
             let seen_generations = Generations::default();
             Controller::for_shared_stream(container_watch.subscribe(), container_store.clone())
                 .owns(Api::<Pod>::all(client.clone()), pods)
-                .watches(
-                    Api::<CustomDistro>::all(client.clone()),
-                    consistent.clone(),
-                    move |d| {
-                        by_distro.get(&context::namespace_key(&d.namespace().unwrap_or_default()))
-                    },
-                )
+                .watches_shared_stream(distro_watch.subscribe(), move |d| {
+                    by_distro.get(&context::namespace_key(&d.namespace().unwrap_or_default()))
+                })
                 // Only what a Customer says (its servers, its deletion) matters here, not its
                 // status (usage), which changes with every admission.
                 .watches_shared_stream(customer_watch.subscribe(), move |c| {
@@ -450,33 +496,24 @@ impl Controllers {
                 })
         };
 
-        let mappings = Controller::new(Api::<PortMapping>::all(client.clone()), consistent.clone());
-        let mapping_store = mappings.store();
+        // PortMappings: port ownership, decided per server.
         let mappings = {
-            let store = mapping_store.clone();
-            mappings.watches_shared_stream(container_watch.subscribe(), move |c| {
-                let namespace = c.namespace();
-                store
-                    .state()
-                    .iter()
-                    .filter(|m| m.namespace() == namespace && m.spec.container == c.name_any())
-                    .map(|m| ObjectRef::from_obj(m.as_ref()))
-                    .collect::<Vec<_>>()
-            })
+            let by_container = Arc::clone(&mapping_index);
+            Controller::for_shared_stream(mapping_watch.subscribe(), mapping_store.clone())
+                .watches_shared_stream(container_watch.subscribe(), move |c| {
+                    by_container.get(&context::mapping_key(
+                        &c.namespace().unwrap_or_default(),
+                        &c.name_any(),
+                    ))
+                })
         };
-        let distros = Controller::new(Api::<CustomDistro>::all(client.clone()), consistent);
-        let distro_store = distros.store();
+        // CustomDistros: acceptance and usage, from their namespace's containers.
         let distros = {
-            let store = distro_store.clone();
-            distros.watches_shared_stream(container_watch.subscribe(), move |c| {
-                let namespace = c.namespace();
-                store
-                    .state()
-                    .iter()
-                    .filter(|d| d.namespace() == namespace)
-                    .map(|d| ObjectRef::from_obj(d.as_ref()))
-                    .collect::<Vec<_>>()
-            })
+            let by_namespace = Arc::clone(&distro_index);
+            Controller::for_shared_stream(distro_watch.subscribe(), distro_store.clone())
+                .watches_shared_stream(container_watch.subscribe(), move |c| {
+                    by_namespace.get(&context::namespace_key(&c.namespace().unwrap_or_default()))
+                })
         };
         // Customers: namespace, RoleBinding, usage (from the Servers' ledgers).
         let customers = {
@@ -503,23 +540,26 @@ impl Controllers {
                 })
         };
 
-        let reporter = Reporter {
-            controller: "uwsgi-it-controller".into(),
-            instance: Some(options.identity.clone()),
-        };
         let context = Arc::new(Context::new(
             client.clone(),
             Arc::new(options.config.clone()),
             Stores {
                 containers: container_store,
                 container_index,
+                mapping_index,
+                distro_index,
+                server_index: Arc::clone(&server_index),
                 nodes: node_store,
                 servers: server_store,
                 customers: customer_store,
                 mappings: mapping_store,
                 distros: distro_store,
             },
-            Recorder::new(client.clone(), reporter),
+            events::Publisher::new(
+                client.clone(),
+                "uwsgi-it-controller",
+                options.identity.clone(),
+            ),
             UidStore::new(
                 Api::<ConfigMap>::namespaced(client, &options.namespace),
                 options.config.uid_store.clone(),
@@ -534,6 +574,8 @@ impl Controllers {
             customers,
             watches: vec![
                 container_watch.run(),
+                mapping_watch.run(),
+                distro_watch.run(),
                 server_watch.run(),
                 customer_watch.run(),
                 node_watch.run(),

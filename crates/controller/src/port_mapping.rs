@@ -1,7 +1,9 @@
 //! The PortMapping reconciler: one owner per (server, proto, public port), first come keeps it.
 //!
-//! Ownership is decided for all mappings at once, one pass at a time, on what this controller
-//! last wrote (see [`crate::overlay`]), so two mappings can never both be told they own a port.
+//! Ownership is decided per server: a pass covers every mapping whose container is placed on
+//! the same server (found through the indexes, never by a cluster-wide scan), one pass at a
+//! time, on what this controller last wrote (see [`crate::overlay`]), so two mappings can never
+//! both be told they own a port.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -21,10 +23,11 @@ use uwsgi_it_domain::ports::{MappingCandidate, MappingTarget, Proto, decide_mapp
 
 use crate::Error;
 use crate::admission::AdmissionRecord;
-use crate::context::Context;
+use crate::context::{Context, mapping_key, server_key};
 use crate::facts::key_of;
 use crate::overlay::Overlay;
 use crate::status::{ADMISSION_MANAGER, Desired, apply_status};
+use kube::runtime::reflector::ObjectRef;
 
 /// The controller's fields of a PortMapping's status.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -61,6 +64,26 @@ impl MappingRecord {
 pub struct PortState {
     lock: tokio::sync::Mutex<()>,
     overlay: Overlay<MappingRecord>,
+    passes: std::sync::atomic::AtomicU64,
+}
+
+impl PortState {
+    /// Every 256 passes, forgets what was written for mappings that are gone (O(mappings),
+    /// so not on every pass).
+    fn forget_deleted(&self, ctx: &Context) {
+        let pass = self
+            .passes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if pass.is_multiple_of(256) {
+            self.overlay.retain_live(
+                &ctx.mappings
+                    .state()
+                    .iter()
+                    .filter_map(|m| m.metadata.uid.clone())
+                    .collect::<HashSet<_>>(),
+            );
+        }
+    }
 }
 
 fn proto(protocol: Protocol) -> Proto {
@@ -70,24 +93,72 @@ fn proto(protocol: Protocol) -> Proto {
     }
 }
 
-/// Reconciles PortMappings: one pass decides every mapping.
-pub async fn reconcile(_mapping: Arc<PortMapping>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// The mappings one decision covers, with their containers: every mapping whose container is
+/// placed on the same server as this mapping's (the only ones that can compete for its public
+/// ports), found through the indexes; a mapping whose container holds no reservation competes
+/// with nobody and is decided alone.
+#[allow(clippy::type_complexity)]
+fn competitors(
+    ctx: &Context,
+    mapping: &PortMapping,
+) -> (
+    Vec<Arc<PortMapping>>,
+    HashMap<(String, String), Arc<Container>>,
+) {
+    let namespace = mapping.namespace().unwrap_or_default();
+    let own = ctx
+        .containers
+        .get(&ObjectRef::new(&mapping.spec.container).within(&namespace));
+    let server = own.as_ref().and_then(|c| AdmissionRecord::cached(c).server);
+    let mut containers: HashMap<(String, String), Arc<Container>> = HashMap::new();
+    let mut mappings: HashMap<ObjectRef<PortMapping>, Arc<PortMapping>> = HashMap::new();
+    match server {
+        Some(server) => {
+            for reference in ctx.container_index.get(&server_key(&server)) {
+                let Some(container) = ctx.containers.get(&reference) else {
+                    continue;
+                };
+                if AdmissionRecord::cached(&container).server.as_deref() != Some(server.as_str()) {
+                    continue;
+                }
+                let namespace = container.namespace().unwrap_or_default();
+                for m in ctx
+                    .mapping_index
+                    .get(&mapping_key(&namespace, &container.name_any()))
+                {
+                    if let Some(m) = ctx.mappings.get(&m) {
+                        mappings.insert(ObjectRef::from_obj(m.as_ref()), m);
+                    }
+                }
+                containers.insert((namespace, container.name_any()), container);
+            }
+        }
+        None => {
+            if let Some(container) = own {
+                containers.insert((namespace.clone(), container.name_any()), container);
+            }
+        }
+    }
+    for m in ctx
+        .mapping_index
+        .get(&mapping_key(&namespace, &mapping.spec.container))
+    {
+        if let Some(m) = ctx.mappings.get(&m) {
+            mappings.insert(ObjectRef::from_obj(m.as_ref()), m);
+        }
+    }
+    let mut mappings: Vec<Arc<PortMapping>> = mappings.into_values().collect();
+    mappings.sort_by_key(|m| key_of(m.as_ref()));
+    (mappings, containers)
+}
+
+/// Reconciles a PortMapping: one pass decides every mapping of its server.
+pub async fn reconcile(mapping: Arc<PortMapping>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started("portmapping");
     ctx.wait_synced().await;
     let _serialised = ctx.ports.lock.lock().await;
-    let mappings = ctx.mappings.state();
-    ctx.ports.overlay.retain_live(
-        &mappings
-            .iter()
-            .filter_map(|m| m.metadata.uid.clone())
-            .collect::<HashSet<_>>(),
-    );
-    let containers: HashMap<(String, String), Arc<Container>> = ctx
-        .containers
-        .state()
-        .into_iter()
-        .map(|c| ((c.namespace().unwrap_or_default(), c.name_any()), c))
-        .collect();
+    ctx.ports.forget_deleted(&ctx);
+    let (mappings, containers) = competitors(&ctx, &mapping);
     let customers = ctx.customers.state();
 
     let mut records = HashMap::new();
