@@ -12,21 +12,19 @@ use faults::*;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use uwsgi_it_api::Container;
-use uwsgi_it_testbed::control_plane::ControlPlane;
 
 const KILLS: usize = 20;
 
 #[tokio::test]
 async fn a_controller_killed_at_random_points_never_oversells_nor_reuses_a_uid() {
-    let plane = tokio::task::spawn_blocking(ControlPlane::shared)
-        .await
-        .unwrap();
-    plane.install_crds(&uwsgi_it_api::crds()).await.unwrap();
-    let client = plane.client().await.unwrap();
-    let system = plane.namespace("uwsgi-it-system").await.unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let config = config_file(work.path());
-    let auditor = Auditor::start(&client);
+    let Setup {
+        plane,
+        client,
+        system,
+        config,
+        auditor,
+        work: _work,
+    } = setup().await;
     let servers = servers_and_customer(&client, "burst", 2, 1000, 100000).await;
     let containers: Api<Container> = Api::namespaced(client.clone(), "burst");
     let mut random = Random::from_env();

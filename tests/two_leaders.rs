@@ -13,22 +13,20 @@ use faults::*;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use uwsgi_it_api::Container;
-use uwsgi_it_testbed::control_plane::ControlPlane;
 
 /// How long the random mix runs.
 const MIX: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn two_acting_leaders_one_repeatedly_frozen_never_oversell_nor_reuse_a_uid() {
-    let plane = tokio::task::spawn_blocking(ControlPlane::shared)
-        .await
-        .unwrap();
-    plane.install_crds(&uwsgi_it_api::crds()).await.unwrap();
-    let client = plane.client().await.unwrap();
-    let system = plane.namespace("uwsgi-it-system").await.unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let config = config_file(work.path());
-    let auditor = Auditor::start(&client);
+    let Setup {
+        plane,
+        client,
+        system,
+        config,
+        auditor,
+        work: _work,
+    } = setup().await;
 
     let servers = servers_and_customer(&client, "twin", 3, 1500, 8000).await;
     let steady = ControllerProcess::start(plane, &system, &config, "steady");

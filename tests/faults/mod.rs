@@ -173,6 +173,39 @@ impl Drop for ControllerProcess {
     }
 }
 
+/// What every fault test starts from: the control plane with the CRDs, an admin client, the
+/// controllers' namespace, a work directory holding their configuration, and the auditor,
+/// watching before anything is created.
+pub struct Setup {
+    pub plane: &'static ControlPlane,
+    pub client: Client,
+    pub system: String,
+    pub config: PathBuf,
+    pub auditor: Auditor,
+    /// Holds the configuration file: keep it for the whole test.
+    pub work: tempfile::TempDir,
+}
+
+pub async fn setup() -> Setup {
+    let plane = tokio::task::spawn_blocking(ControlPlane::shared)
+        .await
+        .unwrap();
+    plane.install_crds(&uwsgi_it_api::crds()).await.unwrap();
+    let client = plane.client().await.unwrap();
+    let system = plane.namespace("uwsgi-it-system").await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let config = config_file(work.path());
+    let auditor = Auditor::start(&client);
+    Setup {
+        plane,
+        client,
+        system,
+        config,
+        auditor,
+        work,
+    }
+}
+
 /// A controller configuration file: `releaseTimeout` short, since no agent runs here.
 pub fn config_file(dir: &std::path::Path) -> PathBuf {
     let path = dir.join("config.yaml");
