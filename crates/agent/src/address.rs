@@ -69,16 +69,9 @@ const RT_TABLE_MAIN: u8 = 254;
 /// The public address the Server and its Node declare: `spec.address`, else ExternalIP, else
 /// InternalIP.
 pub fn declared_public_address(server: Option<&Server>, node: Option<&Node>) -> Option<Ipv4Addr> {
-    let addresses = node
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-        .map(|a| a.as_slice())
-        .unwrap_or_default();
     uwsgi_it_domain::address::public_address(
         server.and_then(|s| s.spec.address.as_deref()),
-        addresses
-            .iter()
-            .map(|a| (a.type_.as_str(), a.address.as_str())),
+        uwsgi_it_api::server::node_addresses(node),
     )
 }
 

@@ -183,3 +183,15 @@ impl Server {
             .unwrap_or_default()
     }
 }
+
+/// A Node's addresses as `(type, address)` pairs, in the Node's order (none without a Node):
+/// the input of the one rule that picks a server's public address.
+pub fn node_addresses(
+    node: Option<&k8s_openapi::api::core::v1::Node>,
+) -> impl Iterator<Item = (&str, &str)> + Clone {
+    node.and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|a| (a.type_.as_str(), a.address.as_str()))
+}

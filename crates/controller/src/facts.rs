@@ -26,16 +26,9 @@ pub fn key_of<K: ResourceExt>(object: &K) -> ObjectKey {
 /// The public address of a server: its `spec.address`, else its Node's ExternalIP, else its
 /// InternalIP (the one rule the agent applies too).
 pub fn server_address(server: &Server, node: Option<&Node>) -> Option<String> {
-    let addresses = node
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| s.addresses.as_ref())
-        .map(|a| a.as_slice())
-        .unwrap_or_default();
     uwsgi_it_domain::address::public_address(
         server.spec.address.as_deref(),
-        addresses
-            .iter()
-            .map(|a| (a.type_.as_str(), a.address.as_str())),
+        uwsgi_it_api::server::node_addresses(node),
     )
     .map(|a| a.to_string())
 }
