@@ -29,7 +29,7 @@ use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
 use uwsgi_it_api::{Capacity, Container, Customer, LedgerEntry, Reservation, Server, ServerStatus};
 use uwsgi_it_domain::capacity::{
     Admission, Candidate, Change, Outcome, PlacementError, Resources, ServerFacts, Usage, admit,
-    check_owner, resolve_server,
+    check_owner,
 };
 use uwsgi_it_domain::identity::ObjectKey;
 
@@ -88,27 +88,40 @@ const WRITES_IN_FLIGHT: usize = 16;
 /// How often a Server is passed again without any event (repairs what a lost event missed).
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Containers whose reservation this controller released: a watch cache that still shows one
-/// of them alive must not get it admitted again. Only an optimisation — a ghost admitted anyway
-/// is an orphan entry that the next pass drops after asking the API — so memory is fine here.
+/// Containers whose reservation this controller released, by server: a watch cache that still
+/// shows one of them alive must not get it admitted again. Only an optimisation — a ghost
+/// admitted anyway is an orphan entry that the next pass drops after asking the API — so memory
+/// is fine here. A server's pass forgets those its cache no longer shows.
 #[derive(Default)]
-pub struct Released(Mutex<HashSet<String>>);
+pub struct Released(Mutex<HashMap<String, HashSet<String>>>);
 
 impl Released {
-    fn insert(&self, object_uid: &str) {
+    fn insert(&self, server: &str, object_uid: &str) {
         self.0
             .lock()
             .expect("released set")
+            .entry(server.to_string())
+            .or_default()
             .insert(object_uid.to_string());
     }
 
-    fn contains(&self, object_uid: &str) -> bool {
-        self.0.lock().expect("released set").contains(object_uid)
+    fn contains(&self, server: &str, object_uid: &str) -> bool {
+        self.0
+            .lock()
+            .expect("released set")
+            .get(server)
+            .is_some_and(|uids| uids.contains(object_uid))
     }
 
-    /// Forgets a container that is gone from the cache too.
-    pub fn forget(&self, object_uid: &str) {
-        self.0.lock().expect("released set").remove(object_uid);
+    /// Keeps, for `server`, only the containers its cache still shows.
+    fn retain_cached(&self, server: &str, cached: &BTreeMap<String, Arc<Container>>) {
+        let mut released = self.0.lock().expect("released set");
+        if let Some(uids) = released.get_mut(server) {
+            uids.retain(|uid| cached.contains_key(uid));
+            if uids.is_empty() {
+                released.remove(server);
+            }
+        }
     }
 }
 
@@ -121,21 +134,6 @@ fn has_finalizer(container: &Container) -> bool {
         .finalizers()
         .iter()
         .any(|f| f == CONTROLLER_FINALIZER)
-}
-
-/// The Server a container is placed on (`status.server` while it holds a reservation), or the
-/// one its `spec.server` names.
-pub fn placement<'a>(
-    container: &Container,
-    servers: &'a [ServerFacts],
-) -> Result<&'a ServerFacts, PlacementError> {
-    let status = container.status.as_ref();
-    match status.and_then(|s| s.server.as_deref()) {
-        Some(server) if status.is_some_and(|s| s.reserved.is_some()) => {
-            resolve_server(server, servers)
-        }
-        _ => resolve_server(&container.spec.server, servers),
-    }
 }
 
 /// Whether the Customer whose namespace holds the container owns `server`. Several Customers
@@ -257,28 +255,23 @@ async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
     if let Some(address) = &facts.address {
         keys.push(crate::context::server_key(address));
     }
-    let servers = [facts.clone()];
     for key in keys {
         for reference in ctx.container_index.get(&key) {
             let Some(container) = ctx.containers.get(&reference) else {
                 continue;
             };
-            // An address can name several servers: what names this one by address is ours only
-            // if the address resolves to this server among all of them.
-            let ours = match placement(&container, &servers) {
-                Ok(found) if found.name == name => {
-                    container.spec.server == name
-                        || container.status.as_ref().and_then(|s| s.server.as_deref())
-                            == Some(name.as_str())
-                        || ctx.servers_with_address(&container.spec.server) == [name.as_str()]
-                }
-                _ => false,
-            };
+            // Indexed under this name or address; ours only if it names this Server (an
+            // address may belong to several).
+            let ours = ctx
+                .directory
+                .named_by(&container)
+                .is_ok_and(|server| server == name);
             if ours {
                 containers.insert(object_uid(&container), container);
             }
         }
     }
+    ctx.released.retain_cached(&name, &containers);
     // A ledger entry whose container the cache does not show (yet, or any more) is looked up:
     // it stays until the API says its container is gone.
     for entry in server.ledger() {
@@ -348,7 +341,8 @@ fn decide(ctx: &Context, resolved: &Resolved, allocated: &HashMap<String, i64>) 
         // Nothing new for a container being deleted, one this controller released (a stale
         // cache may still show it), or one not yet holding the finalizer (its release could
         // otherwise be skipped).
-        if held.is_none() && (deleting || !has_finalizer(container) || ctx.released.contains(uid)) {
+        let released = ctx.released.contains(&resolved.facts.name, uid);
+        if held.is_none() && (deleting || !has_finalizer(container) || released) {
             continue;
         }
         let key = key_of(container.as_ref());
@@ -837,6 +831,6 @@ pub async fn release(ctx: &Context, server: &str, container: &Container) -> Resu
             Err(e) => return Err(e.into()),
         }
     }
-    ctx.released.insert(&uid);
+    ctx.released.insert(server, &uid);
     Ok(())
 }

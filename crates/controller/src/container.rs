@@ -20,7 +20,6 @@ use uwsgi_it_api::Container;
 use uwsgi_it_api::condition::HasConditions;
 use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
 use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, FORCE_RELEASE_ANNOTATION};
-use uwsgi_it_domain::capacity::PlacementError;
 use uwsgi_it_domain::distro::check_custom_distro;
 
 use crate::Error;
@@ -52,40 +51,13 @@ pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<A
 
     // Resolve: a container that names no Server (or an ambiguous address) is told so here;
     // everything else is decided by its Server's pass.
-    let unplaced = unplaced(&ctx, &container);
+    let unplaced = ctx.directory.named_by(&container).err();
     if let Some(problem) = unplaced {
         refuse_unplaced(&ctx, &container, &problem).await?;
     }
     let record = AdmissionRecord::cached(&container);
     reconcile_workload(&container, &record, &ctx).await?;
     Ok(Action::requeue(RESYNC))
-}
-
-/// Why a container names no Server: none has that name or address, or several that address.
-/// A container holding a reservation is placed where it holds it.
-fn unplaced(ctx: &Context, container: &Container) -> Option<PlacementError> {
-    let status = container.status.as_ref();
-    if status.is_some_and(|s| s.server.is_some() && s.reserved.is_some()) {
-        return None;
-    }
-    let named = &container.spec.server;
-    if ctx
-        .servers
-        .get(&kube::runtime::reflector::ObjectRef::new(named))
-        .is_some()
-    {
-        return None;
-    }
-    match ctx.servers_with_address(named).as_slice() {
-        [_] => None,
-        [] => Some(PlacementError::UnknownServer {
-            server: named.clone(),
-        }),
-        many => Some(PlacementError::AmbiguousAddress {
-            address: named.clone(),
-            servers: many.to_vec(),
-        }),
-    }
 }
 
 async fn ensure_finalizer(container: &Container, ctx: &Context) -> Result<(), Error> {

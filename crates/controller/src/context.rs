@@ -8,16 +8,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use tracing::warn;
 use uwsgi_it_api::{Container, CustomDistro, Customer, PortMapping, Server};
-use uwsgi_it_domain::capacity::ServerFacts;
 use uwsgi_it_domain::config::OperatorConfig;
 
 use crate::admission::Released;
-use crate::facts::server_facts;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::port_mapping::PortState;
@@ -40,8 +37,8 @@ pub struct Context {
     pub container_index: Arc<Index<Container>>,
     /// PortMappings by the container they forward to ([`mapping_key`]).
     pub mapping_index: Arc<Index<PortMapping>>,
-    /// Servers by their declared address ([`address_key`]).
-    pub server_index: Arc<Index<Server>>,
+    /// Which Server a container names (Servers, Nodes, Servers by address).
+    pub directory: crate::directory::ServerDirectory,
     /// CustomDistros by namespace ([`namespace_key`]).
     pub distro_index: Arc<Index<CustomDistro>>,
     /// Cache of Customers.
@@ -147,7 +144,7 @@ impl Context {
             servers: stores.servers,
             container_index: stores.container_index,
             mapping_index: stores.mapping_index,
-            server_index: stores.server_index,
+            directory: stores.directory,
             distro_index: stores.distro_index,
             customers: stores.customers,
             mappings: stores.mappings,
@@ -209,44 +206,6 @@ impl Context {
             .collect()
     }
 
-    /// The names of the Servers whose effective public address is `address`, sorted: from the
-    /// index of `spec.address`, else (an address taken from a Node) by looking at every Server.
-    pub fn servers_with_address(&self, address: &str) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .server_index
-            .get(&address_key(address))
-            .into_iter()
-            .filter_map(|r| self.servers.get(&r))
-            .filter(|s| {
-                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
-                crate::facts::server_address(s, node.as_deref()).as_deref() == Some(address)
-            })
-            .map(|s| s.name_any())
-            .collect();
-        if names.is_empty() {
-            names = self
-                .all_server_facts()
-                .into_iter()
-                .filter(|s| s.address.as_deref() == Some(address))
-                .map(|s| s.name)
-                .collect();
-        }
-        names.sort();
-        names
-    }
-
-    /// The admission facts of every Server (O(servers): only for resolving an address).
-    pub fn all_server_facts(&self) -> Vec<ServerFacts> {
-        self.servers
-            .state()
-            .iter()
-            .map(|s| {
-                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
-                server_facts(s, node.as_deref())
-            })
-            .collect()
-    }
-
     /// The retry delay after another failure of `object`: 1s, 2s, 4s, ... up to 5 minutes.
     pub fn backoff(&self, object: &str) -> Action {
         let mut failures = self.backoff.lock().expect("backoff map");
@@ -274,8 +233,8 @@ pub struct Stores {
     pub container_index: Arc<Index<Container>>,
     /// The index of PortMappings.
     pub mapping_index: Arc<Index<PortMapping>>,
-    /// The index of Servers.
-    pub server_index: Arc<Index<Server>>,
+    /// Which Server a container names.
+    pub directory: crate::directory::ServerDirectory,
     /// The index of CustomDistros.
     pub distro_index: Arc<Index<CustomDistro>>,
     /// Customers.

@@ -2,7 +2,6 @@
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
-use uwsgi_it_api::condition::{self, ADMITTED};
 use uwsgi_it_api::{Container, CustomDistro, Server};
 use uwsgi_it_domain::capacity::{Resources, ServerFacts};
 use uwsgi_it_domain::distro::{ContainerFacts, DistroFacts};
@@ -68,14 +67,6 @@ pub fn container_facts(
         custom_distros_storage: container.spec.custom_distros_storage,
         custom_distro: container.spec.custom_distro.clone(),
     }
-}
-
-/// Container facts from the cached status alone (used outside an admission pass).
-pub fn cached_container_facts(container: &Container) -> ContainerFacts {
-    let status = container.status.as_ref();
-    let admitted = status.is_some_and(|s| s.reserved.is_some() && s.uid.is_some())
-        && status.is_some_and(|s| condition::find(&s.conditions, ADMITTED).is_some());
-    container_facts(container, status.and_then(|s| s.server.clone()), admitted)
 }
 
 /// The custom-distro view of a CustomDistro.

@@ -12,6 +12,7 @@ pub mod container;
 pub mod context;
 pub mod custom_distro;
 pub mod customer;
+pub mod directory;
 pub mod events;
 pub mod facts;
 pub mod index;
@@ -346,11 +347,9 @@ where
 }
 
 /// Which Servers a container event concerns: the one it holds a reservation on, else the one
-/// its `spec.server` names (by name, else by address).
+/// its `spec.server` names (every Server of an ambiguous address).
 struct ServerRefs {
-    servers: reflector::Store<Server>,
-    nodes: reflector::Store<Node>,
-    by_address: Arc<index::Index<Server>>,
+    directory: directory::ServerDirectory,
 }
 
 impl ServerRefs {
@@ -379,31 +378,13 @@ impl ServerRefs {
         if !Self::concerns_admission(container) {
             return Vec::new();
         }
-        let status = container.status.as_ref();
-        if let Some(server) = status.and_then(|s| s.server.as_deref()) {
-            return vec![ObjectRef::new(server)];
+        match self.directory.named_by(container) {
+            Ok(server) => vec![ObjectRef::new(&server)],
+            Err(uwsgi_it_domain::capacity::PlacementError::AmbiguousAddress {
+                servers, ..
+            }) => servers.iter().map(|s| ObjectRef::new(s)).collect(),
+            Err(_) => Vec::new(),
         }
-        let named = ObjectRef::new(&container.spec.server);
-        if self.servers.get(&named).is_some() {
-            return vec![named];
-        }
-        // Named by a declared address: the index; by an address taken from a Node: every Server.
-        let declared = self
-            .by_address
-            .get(&context::address_key(&container.spec.server));
-        if !declared.is_empty() {
-            return declared;
-        }
-        self.servers
-            .state()
-            .iter()
-            .filter(|s| {
-                let node = self.nodes.get(&ObjectRef::new(&s.name_any()));
-                facts::server_address(s, node.as_deref()).as_deref()
-                    == Some(container.spec.server.as_str())
-            })
-            .map(|s| ObjectRef::from_obj(s.as_ref()))
-            .collect()
     }
 }
 
@@ -435,6 +416,11 @@ impl Controllers {
             trim,
             Some(Arc::clone(&distro_index)),
         );
+        let directory = directory::ServerDirectory::new(
+            server_watch.store.clone(),
+            node_watch.store.clone(),
+            Arc::clone(&server_index),
+        );
         let mapping_store = mapping_watch.store.clone();
         let distro_store = distro_watch.store.clone();
         let container_store = container_watch.store.clone();
@@ -452,9 +438,7 @@ impl Controllers {
         // they name, nothing else.
         let servers = {
             let by_container = ServerRefs {
-                servers: server_store.clone(),
-                nodes: node_store.clone(),
-                by_address: Arc::clone(&server_index),
+                directory: directory.clone(),
             };
             let seen_generations = Generations::default();
             Controller::for_shared_stream(server_watch.subscribe(), server_store.clone())
@@ -548,7 +532,7 @@ impl Controllers {
                 container_index,
                 mapping_index,
                 distro_index,
-                server_index: Arc::clone(&server_index),
+                directory,
                 nodes: node_store,
                 servers: server_store,
                 customers: customer_store,
