@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the agent and its tests need (nft, iptables, ip, conntrack).
+# Installs the Debian packages the agent and its tests need (nft, iptables, ip, conntrack), and
+# those of the real cluster (hack/cluster.sh: runc, the CNI plugins, openssl, curl) and of the
+# image builder (hack/images.sh: mmdebstrap).
 # A no-op when they are already there, so the warm path costs nothing.
 set -euo pipefail
 need=()
@@ -7,6 +9,12 @@ command -v nft >/dev/null || need+=(nftables)
 command -v iptables-restore >/dev/null || need+=(iptables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v conntrack >/dev/null || need+=(conntrack)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+command -v nsenter >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

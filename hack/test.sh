@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Run the tests"); .ci/run calls exactly this.
-# On a fresh machine it installs the Debian packages and builds the pinned control plane
-# (cached under ~/.cache/uwsgi-it-operator); with a warm cache it goes straight to cargo.
+# On a fresh machine it installs the Debian packages, builds the pinned control plane and the
+# real cluster's node binaries, and builds the images (all cached under
+# ~/.cache/uwsgi-it-operator); with a warm cache only the image's binary layer is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,13 @@ export UWSGI_IT_CONTROL_PLANE_BIN
 if [ -n "${CI:-}" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
   export CARGO_TARGET_DIR="$HOME/.cache/uwsgi-it-operator/cargo-target"
 fi
+
+# The real cluster (tests/real_cluster.rs): kubelet, kube-proxy, kube-scheduler, containerd,
+# and the images it runs (the release binary, the platform distro, the pause image).
+UWSGI_IT_NODE_BIN=$(bash hack/node-binaries.sh)
+export UWSGI_IT_NODE_BIN
+echo "[test] building the images (hack/images.sh)" >&2
+bash hack/images.sh >/dev/null
 
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -44,6 +44,12 @@ pub const AUTHORIZED_KEYS_MODE: u32 = 0o600;
 pub const DISTROS_MODE: u32 = 0o755;
 /// Mode of `<homeRoot>/.archive`: archived homes keep customer data, readable by root only.
 pub const ARCHIVE_MODE: u32 = 0o700;
+/// uwsgi.it's home layout: `vassals/` is what the Emperor watches, the others are where a
+/// customer's apps keep logs, sockets and pid files, scratch files and configuration. Made once,
+/// when missing; afterwards they are the customer's to change (mode, contents, even removal).
+pub const LAYOUT: [&str; 5] = ["vassals", "logs", "run", "tmp", "etc"];
+/// Mode of the layout directories when the agent makes them (the home itself is 0700).
+pub const LAYOUT_MODE: u32 = 0o755;
 
 const AUTHORIZED_KEYS: &str = "authorized_keys";
 /// Fixed name, so that a temp file left by a crash is found and replaced by the next write
@@ -315,6 +321,9 @@ impl Homes {
             }
         }
 
+        for name in LAYOUT {
+            create_if_missing(home_fd.as_fd(), &home.join(name), uid, &mut changes)?;
+        }
         let ssh_fd = ensure_dir(home_fd.as_fd(), &ssh, SSH_DIR_MODE, owner, &mut changes)?;
         sync_authorized_keys(ssh_fd.as_fd(), &keys_path, &keys, uid, &mut changes)?;
 
@@ -719,6 +728,34 @@ fn ensure_dir(
         }
     }
     Ok(fd)
+}
+
+/// Makes the directory `path` (a direct child of `parent`) owned by `uid` when nothing of that
+/// name is there. Whatever is there already — a directory the customer changed, a file, a
+/// symlink — is left alone and never followed: the name is the customer's from now on.
+fn create_if_missing(
+    parent: BorrowedFd<'_>,
+    path: &Path,
+    uid: u32,
+    changes: &mut Vec<HomeChange>,
+) -> Result<(), HomeError> {
+    match mkdirat(parent, file_name(path), Mode::from_raw_mode(LAYOUT_MODE)) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => return Ok(()),
+        Err(errno) => return Err(HomeError::io(path, "create directory", errno)),
+    }
+    // Through a descriptor opened without following links: the customer may have swapped the
+    // name since the mkdir.
+    let fd = open_dir(parent, path)?.ok_or_else(|| HomeError::NotFound {
+        path: path.to_owned(),
+    })?;
+    fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+        .map_err(|e| HomeError::io(path, "chown", e))?;
+    fchmod(&fd, Mode::from_raw_mode(LAYOUT_MODE)).map_err(|e| HomeError::io(path, "chmod", e))?;
+    changes.push(HomeChange::CreatedDir {
+        path: path.to_owned(),
+    });
+    Ok(())
 }
 
 #[derive(Clone, Copy)]

@@ -153,6 +153,43 @@ fn creates_the_home_owned_by_the_uid_private_and_idempotently() {
 }
 
 #[test]
+fn the_home_gets_the_uwsgi_it_layout_once_and_the_customer_keeps_it() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    for name in ["vassals", "logs", "run", "tmp", "etc"] {
+        assert_eq!(
+            owner_mode(&f.home().join(name)),
+            (UID, UID, 0o755),
+            "{name}"
+        );
+    }
+    // The customer's from now on: a changed mode stays, a removed directory is made again, a
+    // name turned into a symlink is neither followed nor replaced.
+    fs::set_permissions(f.home().join("logs"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::remove_dir(f.home().join("tmp")).unwrap();
+    fs::remove_dir(f.home().join("etc")).unwrap();
+    std::os::unix::fs::symlink("/", f.home().join("etc")).unwrap();
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert_eq!(
+        report.changes,
+        [HomeChange::CreatedDir {
+            path: f.home().join("tmp")
+        }]
+    );
+    assert_eq!(owner_mode(&f.home().join("logs")), (UID, UID, 0o700));
+    assert!(
+        fs::symlink_metadata(f.home().join("etc"))
+            .unwrap()
+            .is_symlink()
+    );
+    assert_eq!(
+        fs::metadata("/").unwrap().uid(),
+        0,
+        "the symlink target was not chowned"
+    );
+}
+
+#[test]
 fn an_existing_home_root_keeps_its_mode() {
     let f = Fixture::new();
     fs::create_dir(&f.root).unwrap();
@@ -583,7 +620,7 @@ fn usage_counts_allocated_bytes() {
     f.homes.ensure(&spec(false, &[])).unwrap();
     let empty = f.homes.usage(UID).unwrap();
     assert!(!empty.truncated);
-    assert_eq!(empty.entries, 2, "the home and .ssh");
+    assert_eq!(empty.entries, 7, "the home, its five layout directories and .ssh");
 
     let data = vec![0x5a_u8; 3 * MIB as usize];
     fs::write(f.home().join("three-mib"), &data).unwrap();
@@ -601,7 +638,7 @@ fn usage_counts_allocated_bytes() {
 
     let usage = f.homes.usage(UID).unwrap();
     assert!(!usage.truncated);
-    assert_eq!(usage.entries, 6);
+    assert_eq!(usage.entries, 11);
     let grown = usage.bytes - empty.bytes;
     // Block-size tolerance: file systems round up to their block (and may add metadata blocks).
     assert!(
@@ -627,7 +664,7 @@ fn usage_stops_at_the_entry_budget() {
     assert_eq!(usage.entries, 10);
     let full = f.homes.usage(UID).unwrap();
     assert!(!full.truncated);
-    assert_eq!(full.entries, 52);
+    assert_eq!(full.entries, 57, "50 files, the home, its layout and .ssh");
 
     let shallow = UsageLimits {
         max_depth: 1,

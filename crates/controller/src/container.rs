@@ -173,6 +173,22 @@ async fn reconcile_workload(
                         usable,
                     }
                 }
+                // Failed (an eviction, a node that lost it) or Succeeded (the Emperor exited
+                // with restartPolicy Always cannot, but a kubelet may say so): a Pod that will
+                // never run again is replaced; the next pass creates the new one.
+                Some(pod) if pod_is_finished(&pod) => {
+                    let phase = pod_phase(&pod);
+                    stop_pod(ctx, container, &pod, &format!("the Pod is {phase}")).await?;
+                    WorkloadStatus {
+                        running: Some(Desired::no(
+                            RUNNING,
+                            format!("Pod{phase}"),
+                            format!("the Pod is {phase}; replacing it"),
+                        )),
+                        ip: None,
+                        usable,
+                    }
+                }
                 Some(pod) => pod_status(&pod, usable),
                 None => {
                     pods.create(&PostParams::default(), &workload.pod).await?;
@@ -345,6 +361,18 @@ fn plan_workload(
     }))
 }
 
+fn pod_phase(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Pending".into())
+}
+
+/// A Pod in a terminal phase never runs again, whatever its restart policy.
+fn pod_is_finished(pod: &Pod) -> bool {
+    matches!(pod_phase(pod).as_str(), "Failed" | "Succeeded")
+}
+
 fn pod_status(pod: &Pod, usable: Vec<String>) -> WorkloadStatus {
     let status = pod.status.as_ref();
     let phase = status
@@ -381,8 +409,19 @@ async fn stop_pod(ctx: &Context, container: &Container, pod: &Pod, why: &str) ->
         ctx.client.clone(),
         &container.namespace().unwrap_or_default(),
     );
-    pods.delete(&pod.name_any(), &DeleteParams::default())
-        .await?;
+    // Only this Pod: if it was replaced since it was read, the new one is not deleted.
+    let params = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
     info!(container = %container.name_any(), why, "stopped the workload Pod");
     ctx.publish(
         &container.object_ref(&()),

@@ -58,6 +58,20 @@ pub struct Workload {
     pub pod: Pod,
 }
 
+/// Where every platform distro has its uWSGI (the seed's distro checklist).
+pub const EMPEROR_BINARY: &str = "/opt/unbit/uwsgi/uwsgi";
+
+/// The Emperor's command line: it watches `<home>/vassals` and starts (and stops) one vassal per
+/// `.ini` the customer puts (or removes) there, as on uwsgi.it. `--die-on-term`: the kubelet
+/// stops a Pod with SIGTERM, which a plain uWSGI would take as "reload".
+pub fn emperor_args(home: &str) -> Vec<String> {
+    vec![
+        "--emperor".into(),
+        format!("{home}/vassals"),
+        "--die-on-term".into(),
+    ]
+}
+
 /// Where the home is mounted inside the Pod: `/containers/<uid>`, as on uwsgi.it.
 pub fn home_mount_path(uid: u32) -> String {
     format!("/containers/{uid}")
@@ -136,6 +150,8 @@ pub fn build(input: &WorkloadInput<'_>) -> Workload {
         containers: vec![PodContainer {
             name: "main".into(),
             image: Some(input.image.to_string()),
+            command: Some(vec![EMPEROR_BINARY.into()]),
+            args: Some(emperor_args(&home_path)),
             working_dir: Some(home_path.clone()),
             env: Some(vec![
                 env("HOME", &home_path),
@@ -324,6 +340,9 @@ mod tests {
         );
         let main = &pod["spec"]["containers"][0];
         assert_eq!(main["image"], "debian:bookworm-slim");
+        assert_eq!(main["command"], json!(["/opt/unbit/uwsgi/uwsgi"]));
+        assert_eq!(main["args"][0], "--emperor");
+        assert_eq!(main["args"][1], "/containers/30001/vassals");
         assert_eq!(main["resources"]["requests"]["memory"], "1000Mi");
         assert_eq!(main["resources"]["limits"]["memory"], "1000Mi");
         assert_eq!(main["securityContext"]["allowPrivilegeEscalation"], false);

@@ -459,7 +459,9 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
-fn locate_binaries() -> Result<PathBuf> {
+/// The directory with the control-plane binaries: `$UWSGI_IT_CONTROL_PLANE_BIN`, else what
+/// `hack/control-plane.sh` builds (or finds in its cache).
+pub fn locate_binaries() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return Ok(PathBuf::from(dir));
     }

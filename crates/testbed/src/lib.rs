@@ -6,4 +6,5 @@ pub mod control_plane;
 pub mod fault_proxy;
 pub mod kubelet;
 pub mod netns;
+pub mod real_cluster;
 pub mod servers;

@@ -27,6 +27,8 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    /// Whether dropping this deletes the namespace (false for one made by someone else).
+    owned: bool,
 }
 
 impl Netns {
@@ -39,8 +41,20 @@ impl Netns {
         );
         run_checked(Command::new("ip").args(["netns", "add", &name]))
             .with_context(|| format!("creating network namespace {name}"))?;
-        let netns = Netns { name };
+        let netns = Netns { name, owned: true };
         netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// A namespace made by someone else (e.g. `hack/cluster.sh`); dropping it leaves it be.
+    pub fn existing(name: &str) -> Result<Netns> {
+        let netns = Netns {
+            name: name.to_string(),
+            owned: false,
+        };
+        if !netns.path().exists() {
+            bail!("network namespace {name} does not exist");
+        }
         Ok(netns)
     }
 
@@ -108,6 +122,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         // Best effort: a failing delete must not turn a test failure into a double panic.
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])

@@ -1,0 +1,408 @@
+//! The real cluster on this machine (tier 3): `hack/cluster.sh` brings up the control plane and
+//! two real server nodes (kubelet, containerd, runc, CNI, kube-proxy), each in a network
+//! namespace of its own, with the project's images imported; this wraps it for tests, the
+//! benchmarks and the local run.
+//!
+//! One cluster per machine at a time: [`RealCluster::up`] waits for the machine-wide lock the
+//! script keeps, and dropping the cluster (also while a failing test unwinds) runs
+//! `hack/cluster.sh down`. If the owning process dies without unwinding (SIGKILL), the script's
+//! watchdog removes everything as soon as it notices.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use crate::chart::{chart_dir, helm, repo_path};
+use crate::netns::Netns;
+
+/// Where the cluster keeps its state (the script's default).
+pub const CLUSTER_DIR: &str = "/var/lib/uwsgi-it-cluster";
+/// The cgroup every process of the cluster runs in.
+pub const CGROUP: &str = "uwsgi-it-cluster";
+
+/// A running real cluster.
+pub struct RealCluster {
+    env: BTreeMap<String, String>,
+    down: bool,
+}
+
+impl RealCluster {
+    /// Blocking: builds what is missing (node binaries, images; cached), brings the cluster up
+    /// and waits until both nodes are Ready.
+    pub fn up() -> Result<RealCluster> {
+        let images_env = images_dir().join("images.env");
+        if !images_env.exists() {
+            run_script("hack/images.sh", &[])?;
+        }
+        let mut command = Command::new("bash");
+        command
+            .arg(repo_path("hack/cluster.sh"))
+            .arg("up")
+            .env("UWSGI_IT_CLUSTER_OWNER", std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        let output = command.output().context("running hack/cluster.sh up")?;
+        if !output.status.success() {
+            bail!(
+                "hack/cluster.sh up failed ({}); its logs are in /tmp/uwsgi-it-cluster-logs",
+                output.status
+            );
+        }
+        let env = parse_env(&String::from_utf8_lossy(&output.stdout));
+        for key in ["KUBECONFIG", "HOME_ROOT", "OPERATOR_IMAGE", "DISTRO_IMAGE"] {
+            if !env.contains_key(key) {
+                bail!("hack/cluster.sh up did not report {key}");
+            }
+        }
+        Ok(RealCluster { env, down: false })
+    }
+
+    /// A value `hack/cluster.sh up` reported (KUBECONFIG, HOME_ROOT, NODE_HYDRA, …).
+    pub fn env(&self, key: &str) -> &str {
+        self.env.get(key).map_or("", String::as_str)
+    }
+
+    pub fn kubeconfig(&self) -> &Path {
+        Path::new(self.env("KUBECONFIG"))
+    }
+
+    /// Where the agents keep the homes on the host (the chart's `config.homeRoot`).
+    pub fn home_root(&self) -> PathBuf {
+        PathBuf::from(self.env("HOME_ROOT"))
+    }
+
+    /// The InternalIP of a server node (`server-1`, `server-2`).
+    pub fn node_ip(&self, node: &str) -> Ipv4Addr {
+        self.address("NODE", node)
+    }
+
+    /// The public address of a server node: a second address on it, what its Server declares.
+    pub fn public_ip(&self, node: &str) -> Ipv4Addr {
+        self.address("PUBLIC", node)
+    }
+
+    fn address(&self, kind: &str, node: &str) -> Ipv4Addr {
+        let key = format!("{kind}_{}", node.to_uppercase().replace('-', "_"));
+        self.env(&key).parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    /// The namespace test traffic comes from (198.18.0.100, outside every server).
+    pub fn client_netns(&self) -> Result<Netns> {
+        Netns::existing(self.env("CLIENT_NETNS"))
+    }
+
+    /// A cluster-admin client.
+    pub async fn client(&self) -> Result<Client> {
+        let yaml = std::fs::read_to_string(self.kubeconfig())?;
+        let config = Config::from_custom_kubeconfig(
+            Kubeconfig::from_yaml(&yaml)?,
+            &KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// `kubectl` with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let bin = crate::control_plane::locate_binaries().unwrap_or_default();
+        let mut command = Command::new(bin.join("kubectl"));
+        command.arg(format!("--kubeconfig={}", self.env("KUBECONFIG")));
+        command
+    }
+
+    /// Runs kubectl with `args`; its stdout, or an error with its stderr.
+    pub fn kubectl_run(&self, args: &[&str]) -> Result<String> {
+        let output = self
+            .kubectl()
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        if !output.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `helm install --wait` of the chart with the locally built images, into `namespace`:
+    /// the controller Deployment (2 replicas, leader election) and the agent DaemonSet as real
+    /// Pods. `extra` are more `--set` values.
+    pub fn install_chart(&self, release: &str, namespace: &str, extra: &[&str]) -> Result<()> {
+        let (repository, tag) = split_reference(self.env("OPERATOR_IMAGE"));
+        let mut sets = vec![
+            format!("image.repository={repository}"),
+            format!("image.tag={tag}"),
+            // Imported into every node's containerd; there is no registry to pull from.
+            "image.pullPolicy=Never".to_string(),
+            format!("config.homeRoot={}", self.env("HOME_ROOT")),
+            format!("config.distros.bookworm={}", self.env("DISTRO_IMAGE")),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let mut command = Command::new(helm()?);
+        command
+            .arg("install")
+            .arg(release)
+            .arg(chart_dir())
+            .args(["--namespace", namespace, "--create-namespace"])
+            .args(["--wait", "--timeout", "3m"])
+            .arg(format!("--kubeconfig={}", self.env("KUBECONFIG")));
+        for set in &sets {
+            command.args(["--set", set]);
+        }
+        let output = command.output().context("running helm install")?;
+        if !output.status.success() {
+            let pods = self
+                .kubectl_run(&["get", "pods", "-A", "-o", "wide"])
+                .unwrap_or_default();
+            bail!(
+                "helm install failed: {}\n{pods}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Pods in CrashLoopBackOff (or whose containers restarted into an error) anywhere in the
+    /// cluster, as `namespace/name: reason`.
+    pub fn crash_looping_pods(&self) -> Result<Vec<String>> {
+        let out = self.kubectl_run(&[
+            "get",
+            "pods",
+            "-A",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {.status.containerStatuses[*].state.waiting.reason}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("CrashLoopBackOff"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Removes everything the cluster made and checks that nothing is left: no process in its
+    /// cgroup, no cgroup, no network namespace, no mount, no directory.
+    pub fn down(mut self) -> Result<()> {
+        self.down = true;
+        run_script("hack/cluster.sh", &["down"])?;
+        let left = leftovers();
+        if !left.is_empty() {
+            bail!("hack/cluster.sh down left behind: {}", left.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = run_script("hack/cluster.sh", &["down"]);
+        }
+    }
+}
+
+/// What a cluster left on this machine: processes in its cgroup, its cgroups, its network
+/// namespaces (its own `uitc-*` and its Pods'), its mounts and its directory. Empty when clean.
+pub fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for hierarchy in hierarchies.flatten() {
+            let dir = hierarchy.path().join(CGROUP);
+            if dir.exists() {
+                left.push(format!("cgroup {}", dir.display()));
+            }
+        }
+    }
+    if let Ok(namespaces) = std::fs::read_dir("/run/netns") {
+        for ns in namespaces.flatten() {
+            let name = ns.file_name().to_string_lossy().into_owned();
+            if name.starts_with("uitc-") {
+                left.push(format!("netns {name}"));
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") {
+        for line in mounts.lines() {
+            if let Some(point) = line.split(' ').nth(4)
+                && point.starts_with(CLUSTER_DIR)
+            {
+                left.push(format!("mount {point}"));
+            }
+        }
+    }
+    if Path::new(CLUSTER_DIR).exists() {
+        left.push(format!("directory {CLUSTER_DIR}"));
+    }
+    for process in cluster_processes() {
+        left.push(format!("process {process}"));
+    }
+    left
+}
+
+/// The cluster's programs still running anywhere on the machine (by their command line).
+fn cluster_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(CLUSTER_DIR) && !cmdline.contains("cluster.sh") {
+            found.push(format!(
+                "{} {}",
+                entry.file_name().to_string_lossy(),
+                cmdline.chars().take(120).collect::<String>()
+            ));
+        }
+    }
+    found
+}
+
+/// Where `hack/images.sh` puts the images.
+pub fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("UWSGI_IT_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/uwsgi-it-operator/images")
+}
+
+fn run_script(script: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new("bash")
+        .arg(repo_path(script))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .with_context(|| format!("running {script}"))?;
+    if !status.success() {
+        bail!("{script} {} failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// `host/repo:tag` → (`host/repo`, `tag`).
+fn split_reference(reference: &str) -> (&str, &str) {
+    match reference.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
+        _ => (reference, "latest"),
+    }
+}
+
+/// One HTTP/1.0 GET from inside `netns`: the status code and the body.
+pub fn http_get(
+    netns: &Netns,
+    address: SocketAddrV4,
+    path: &str,
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let mut stream = netns
+        .enter(move || TcpStream::connect_timeout(&address.into(), timeout))
+        .map_err(io::Error::other)??;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no HTTP status line"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until the object's condition `type_` is `True`; on timeout the error shows the last
+/// status seen.
+pub async fn wait_condition<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    type_: &str,
+    timeout: Duration,
+) -> Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Some(object) = api.get_opt(name).await? {
+            let value = serde_json::to_value(&object)?;
+            let is_true = value["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == type_ && c["status"] == "True");
+            if is_true {
+                return Ok(object);
+            }
+            last = value["status"].clone();
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{name}: {type_} not True within {timeout:?}; last status: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes a file into a container's home as its customer would: owned by the container's uid,
+/// and (renamed into place) never seen half-written by the Emperor.
+pub fn write_as_customer(path: &Path, contents: &str, uid: u32) -> Result<()> {
+    let dir = path.parent().context("a path with a parent")?;
+    let name = path.file_name().context("a path with a file name")?;
+    let temporary = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&temporary, contents)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::os::unix::fs::chown(&temporary, Some(uid), Some(uid))?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_at_the_tag_not_at_a_registry_port() {
+        assert_eq!(
+            split_reference("uwsgi-it.local/uwsgi-it-operator:0.1.0-abc"),
+            ("uwsgi-it.local/uwsgi-it-operator", "0.1.0-abc")
+        );
+        assert_eq!(
+            split_reference("127.0.0.1:5000/operator"),
+            ("127.0.0.1:5000/operator", "latest")
+        );
+    }
+
+    #[test]
+    fn the_script_output_is_read_as_key_value_lines() {
+        let env = parse_env("KUBECONFIG=/x/kubeconfig\nnoise\nNODE_HYDRA=198.18.0.11\n");
+        assert_eq!(env["KUBECONFIG"], "/x/kubeconfig");
+        assert_eq!(env["NODE_HYDRA"], "198.18.0.11");
+        assert_eq!(env.len(), 2);
+    }
+}

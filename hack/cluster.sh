@@ -1,0 +1,492 @@
+#!/usr/bin/env bash
+# A real Kubernetes cluster on this machine, for the end-to-end tests, the benchmarks and the
+# local run (tier 3 of DESIGN.md: How it is tested):
+#
+#   hack/cluster.sh up      control plane + two real server nodes; prints KUBECONFIG=...
+#   hack/cluster.sh down    removes everything `up` made (also what a killed run left behind)
+#   hack/cluster.sh status  says whether a cluster is up and who owns it
+#
+# Topology: every part lives in a network namespace of its own, joined by one bridge:
+#
+#   uitc-cp      bridge br0 198.18.0.1/24; etcd (its loopback only), kube-apiserver :6443,
+#                kube-controller-manager, kube-scheduler
+#   uitc-server-1  server node 198.18.0.11, public address 203.0.113.10: containerd,
+#                kubelet, kube-proxy (nftables), CNI bridge cni0 with Pods in 10.244.1.0/24
+#   uitc-server-2  server node 198.18.0.12, public address 203.0.113.20, Pods in 10.244.2.0/24
+#   uitc-client  198.18.0.100: where test traffic to the servers' public addresses comes from
+#   this host    198.18.0.254 on veth uitc-host, so tests and kubectl reach the API server
+#
+# 198.18.0.0/15 is the range set aside for network tests (RFC 2544). No namespace has a
+# default route, so no Pod can reach the machine's uplink, and nothing listens on it.
+#
+# One cluster per machine: `up` refuses while another owner (UWSGI_IT_CLUSTER_OWNER, a pid,
+# default the caller) is alive, and sweeps the leftovers of one that is not. A watchdog runs
+# `down` when the owner exits, however it exits (panic, SIGKILL, Ctrl-C). Every process is
+# started in the cgroup /uwsgi-it-cluster (containers too: it is the kubelets' cgroupRoot), so
+# `down` finds them all, Pods and containerd shims included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLUSTER_DIR=${UWSGI_IT_CLUSTER_DIR:-/var/lib/uwsgi-it-cluster}
+CGROUP=uwsgi-it-cluster
+LOCK=/run/lock/uwsgi-it-cluster.lock
+NODES=(server-1 server-2)
+declare -A NODE_IP=([server-1]=198.18.0.11 [server-2]=198.18.0.12)
+# The servers' public addresses (TEST-NET-3, as in examples/): a second address on the node.
+declare -A PUBLIC_IP=([server-1]=203.0.113.10 [server-2]=203.0.113.20)
+declare -A POD_CIDR=([server-1]=10.244.1.0/24 [server-2]=10.244.2.0/24)
+API_IP=198.18.0.1
+HOST_IP=198.18.0.254
+CLIENT_IP=198.18.0.100
+SERVICE_CIDR=10.96.0.0/16
+CLUSTER_CIDR=10.244.0.0/16
+
+say() { printf '[cluster] %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+run=$CLUSTER_DIR/run
+logs=$CLUSTER_DIR/logs
+pki=$CLUSTER_DIR/pki
+
+# --- cleanup -------------------------------------------------------------------------------
+kill_cgroup() {
+  local root=/sys/fs/cgroup/pids/$CGROUP i pids
+  [ -d "$root" ] || return 0
+  for i in $(seq 1 50); do
+    pids=$(find "$root" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+    [ -z "$pids" ] && return 0
+    # shellcheck disable=SC2086
+    kill -9 $pids 2>/dev/null || true
+    sleep 0.2
+  done
+  say "processes still alive in $root: $pids"
+}
+
+remove_cgroups() {
+  local hierarchy dir
+  for hierarchy in /sys/fs/cgroup/*/; do
+    [ -d "$hierarchy$CGROUP" ] || continue
+    # Depth first: a cgroup can only be removed once its children are.
+    find "$hierarchy$CGROUP" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    [ -d "$hierarchy$CGROUP" ] && say "could not remove cgroup $hierarchy$CGROUP"
+  done
+  return 0
+}
+
+unmount_all() {
+  local mounts
+  # Mount points under the cluster directory, deepest first (mountinfo field 5).
+  mounts=$(awk -v d="$CLUSTER_DIR" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r)
+  for m in $mounts; do umount -l "$m" 2>/dev/null || true; done
+}
+
+down() {
+  if [ -f "$run/watchdog.pid" ]; then
+    local w
+    w=$(cat "$run/watchdog.pid")
+    [ "$w" != "${WATCHDOG_SELF:-}" ] && kill "$w" 2>/dev/null || true
+  fi
+  kill_cgroup
+  unmount_all
+  local ns
+  for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^uitc-/ {print $1}'); do
+    ip netns delete "$ns" 2>/dev/null || say "could not delete netns $ns"
+  done
+  ip link delete uitc-host 2>/dev/null || true
+  remove_cgroups
+  # The shims' sockets live in a fixed directory; it is removed when it holds only ours.
+  if [ -f "$CLUSTER_DIR/made-run-containerd" ]; then rm -rf /run/containerd; fi
+  if [ -f "$CLUSTER_DIR/made-var-lib-cni" ]; then rm -rf /var/lib/cni; fi
+  unmount_all
+  rm -rf "$CLUSTER_DIR"
+  return 0
+}
+
+owner_alive() {
+  local owner
+  [ -f "$CLUSTER_DIR/owner" ] || return 1
+  owner=$(cat "$CLUSTER_DIR/owner")
+  [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null
+}
+
+# --- certificates --------------------------------------------------------------------------
+cert() { # name, subject, [subjectAltName]
+  local name=$1 subject=$2 san=${3:-}
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "$subject" \
+    -keyout "$pki/$name.key" -out "$pki/$name.csr" 2>/dev/null
+  local ext=$pki/$name.ext
+  echo "basicConstraints=CA:FALSE" >"$ext"
+  if [ -n "$san" ]; then
+    { echo "extendedKeyUsage=serverAuth,clientAuth"; echo "subjectAltName=$san"; } >>"$ext"
+  else
+    echo "extendedKeyUsage=clientAuth" >>"$ext"
+  fi
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 30 -extfile "$ext" -out "$pki/$name.crt" 2>/dev/null
+  rm -f "$pki/$name.csr" "$ext"
+}
+
+kubeconfig() { # name (cert), output
+  cat >"$2" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: uwsgi-it
+  cluster:
+    server: https://$API_IP:6443
+    certificate-authority-data: $(base64 -w0 <"$pki/ca.crt")
+users:
+- name: $1
+  user:
+    client-certificate-data: $(base64 -w0 <"$pki/$1.crt")
+    client-key-data: $(base64 -w0 <"$pki/$1.key")
+contexts:
+- name: uwsgi-it
+  context: {cluster: uwsgi-it, user: $1}
+current-context: uwsgi-it
+EOF
+}
+
+make_pki() {
+  mkdir -p "$pki"
+  openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj "/CN=uwsgi-it-cluster-ca" -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  cert apiserver "/CN=kube-apiserver" \
+    "IP:$API_IP,IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert admin "/O=system:masters/CN=admin"
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
+  cert kube-proxy "/CN=system:kube-proxy"
+  local node
+  for node in "${NODES[@]}"; do
+    cert "kubelet-$node" "/O=system:nodes/CN=system:node:$node"
+    cert "kubelet-serving-$node" "/CN=$node" "IP:${NODE_IP[$node]},DNS:$node"
+  done
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  kubeconfig admin "$CLUSTER_DIR/kubeconfig"
+  kubeconfig kube-proxy "$pki/kube-proxy.kubeconfig"
+  for node in "${NODES[@]}"; do kubeconfig "kubelet-$node" "$pki/kubelet-$node.kubeconfig"; done
+}
+
+# --- network -------------------------------------------------------------------------------
+make_network() {
+  ip netns add uitc-cp
+  ip -n uitc-cp link set lo up
+  ip -n uitc-cp link add br0 type bridge
+  ip -n uitc-cp addr add "$API_IP/24" dev br0
+  ip -n uitc-cp link set br0 up
+  attach() { # netns, interface in it, address
+    local peer="v-${1#uitc-}"
+    ip link add "$peer" netns uitc-cp type veth peer name "$2" netns "$1"
+    ip -n uitc-cp link set "$peer" master br0 up
+    ip -n "$1" addr add "$3/24" dev "$2"
+    ip -n "$1" link set "$2" up
+  }
+  local node
+  for node in "${NODES[@]}"; do
+    ip netns add "uitc-$node"
+    ip -n "uitc-$node" link set lo up
+    attach "uitc-$node" eth0 "${NODE_IP[$node]}"
+    ip -n "uitc-$node" addr add "${PUBLIC_IP[$node]}/32" dev eth0
+    ip netns exec "uitc-$node" sysctl -q -w net.ipv4.ip_forward=1
+    # The other nodes' Pods are behind their nodes; the control plane reaches Pods the same way.
+    local other
+    for other in "${NODES[@]}"; do
+      [ "$other" = "$node" ] && continue
+      ip -n "uitc-$node" route add "${POD_CIDR[$other]}" via "${NODE_IP[$other]}"
+    done
+    ip -n uitc-cp route add "${POD_CIDR[$node]}" via "${NODE_IP[$node]}"
+    # Host-network clients (the agent) need a route to the Service range for kube-proxy's DNAT
+    # to see their packets; a node normally has it through its default route.
+    ip -n "uitc-$node" route add "$SERVICE_CIDR" dev eth0
+  done
+  ip netns add uitc-client
+  ip -n uitc-client link set lo up
+  attach uitc-client eth0 "$CLIENT_IP"
+  ip -n uitc-client route add 203.0.113.0/24 dev eth0
+  # This host's end: only the cluster's /24, no forwarding through it.
+  ip link add uitc-host type veth peer name host netns uitc-cp
+  ip -n uitc-cp link set host master br0 up
+  ip addr add "$HOST_IP/24" dev uitc-host
+  ip link set uitc-host up
+}
+
+# --- processes -----------------------------------------------------------------------------
+make_cgroups() {
+  local hierarchy
+  for hierarchy in /sys/fs/cgroup/*/; do
+    case $hierarchy in */unified/) continue ;; esac
+    mkdir -p "$hierarchy$CGROUP/daemons"
+    for node in "${NODES[@]}"; do mkdir -p "$hierarchy$CGROUP/$node"; done
+    if [ -f "$hierarchy/cpuset.cpus" ]; then
+      local d
+      for d in "$hierarchy$CGROUP" "$hierarchy$CGROUP"/*/; do
+        cat "$hierarchy/cpuset.cpus" >"$d/cpuset.cpus"
+        cat "$hierarchy/cpuset.mems" >"$d/cpuset.mems"
+      done
+    fi
+  done
+}
+
+# daemon NAME NETNS PROGRAM ARGS...: started in the cluster's cgroup, in NETNS's network
+# namespace only (nsenter, not `ip netns exec`, which would also unshare the mount namespace:
+# the kubelet and containerd must see each other's mounts).
+daemon() {
+  local name=$1 ns=$2
+  shift 2
+  (
+    echo "$BASHPID" >"/sys/fs/cgroup/pids/$CGROUP/daemons/cgroup.procs"
+    exec setsid nsenter --net="/run/netns/$ns" -- "$@"
+  ) </dev/null >"$logs/$name.log" 2>&1 9>&- &
+  echo "$!" >"$run/$name.pid"
+}
+
+wait_for() { # description, seconds, command...
+  local what=$1 seconds=$2 i
+  shift 2
+  for i in $(seq 1 $((seconds * 5))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  die "$what not ready after ${seconds}s; logs in $logs"
+}
+
+start_control_plane() {
+  local cp=$UWSGI_IT_CONTROL_PLANE_BIN
+  daemon etcd uitc-cp "$cp/etcd" --name=uwsgi-it --data-dir="$CLUSTER_DIR/etcd" \
+    --listen-client-urls=http://127.0.0.1:2379 --advertise-client-urls=http://127.0.0.1:2379 \
+    --listen-peer-urls=http://127.0.0.1:2380 --initial-advertise-peer-urls=http://127.0.0.1:2380 \
+    --initial-cluster=uwsgi-it=http://127.0.0.1:2380 --unsafe-no-fsync=true --log-level=warn
+  daemon kube-apiserver uitc-cp "$cp/kube-apiserver" \
+    --advertise-address="$API_IP" --bind-address="$API_IP" --secure-port=6443 \
+    --etcd-servers=http://127.0.0.1:2379 \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" \
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-cluster-ip-range="$SERVICE_CIDR" --allow-privileged=true \
+    --kubelet-preferred-address-types=InternalIP --v=0
+  wait_for kube-apiserver 120 curl -sf --cacert "$pki/ca.crt" --cert "$pki/admin.crt" \
+    --key "$pki/admin.key" "https://$API_IP:6443/readyz"
+  daemon kube-controller-manager uitc-cp "$cp/kube-controller-manager" \
+    --kubeconfig="$CLUSTER_DIR/kubeconfig" --root-ca-file="$pki/ca.crt" \
+    --service-account-private-key-file="$pki/sa.key" --use-service-account-credentials=false \
+    --leader-elect=false --secure-port=0 --cluster-cidr="$CLUSTER_CIDR" \
+    --service-cluster-ip-range="$SERVICE_CIDR" --v=0
+  daemon kube-scheduler uitc-cp "$NODE_BIN/kube-scheduler" \
+    --kubeconfig="$CLUSTER_DIR/kubeconfig" --leader-elect=false --secure-port=0 --v=0
+}
+
+start_node() {
+  local node=$1 ip=${NODE_IP[$1]} dir=$CLUSTER_DIR/nodes/$1
+  mkdir -p "$dir/cni/net.d" "$dir/containerd" "$dir/kubelet" "$dir/pod-logs"
+  cat >"$dir/cni/net.d/10-uwsgi-it.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "uwsgi-it",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$dir/cni/ipam",
+        "ranges": [[{"subnet": "${POD_CIDR[$node]}"}]], "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    }
+  ]
+}
+EOF
+  cat >"$dir/containerd.toml" <<EOF
+version = 3
+root = '$dir/containerd/root'
+state = '$dir/containerd/state'
+temp = '$dir/containerd/tmp'
+imports = []
+[grpc]
+  address = '$dir/containerd.sock'
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = '$PAUSE_IMAGE'
+  [plugins.'io.containerd.cri.v1.runtime']
+    enable_cdi = false
+    # No CAP_SYS_RESOURCE here: without this every sandbox fails to start.
+    restrict_oom_score_adj = true
+    # The Pods' network namespaces under this node's state directory, not in /run/netns: they
+    # are this cluster's and go with it.
+    netns_mounts_under_state_dir = true
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = 'io.containerd.runc.v2'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        BinaryName = '$(command -v runc)'
+        SystemdCgroup = false
+    [plugins.'io.containerd.cri.v1.runtime'.cni]
+      bin_dirs = ['/usr/lib/cni']
+      conf_dir = '$dir/cni/net.d'
+  [plugins.'io.containerd.internal.v1.opt']
+    path = '$dir/containerd/opt'
+  [plugins.'io.containerd.nri.v1.nri']
+    disable = true
+EOF
+  daemon "containerd-$node" "uitc-$node" env "PATH=$NODE_BIN:$PATH" "$NODE_BIN/containerd" \
+    --config "$dir/containerd.toml"
+  wait_for "containerd on $node" 60 "$NODE_BIN/ctr" --address "$dir/containerd.sock" version
+  local archive
+  for archive in "${IMAGE_ARCHIVES[@]}"; do
+    "$NODE_BIN/ctr" --address "$dir/containerd.sock" -n k8s.io images import \
+      --snapshotter overlayfs "$archive" >/dev/null ||
+      die "importing $archive into $node's containerd failed"
+  done
+
+  cat >"$dir/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This host is cgroup v1; its kubelets share one cgroupfs, each under a root of its own.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /$CGROUP/$node
+containerRuntimeEndpoint: unix://$dir/containerd.sock
+address: $ip
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+tlsCertFile: $pki/kubelet-serving-$node.crt
+tlsPrivateKeyFile: $pki/kubelet-serving-$node.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: $pki/ca.crt}
+authorization: {mode: AlwaysAllow}
+podLogsDir: $dir/pod-logs
+failSwapOn: false
+oomScoreAdj: 0
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+maxPods: 60
+resolvConf: /etc/resolv.conf
+nodeStatusUpdateFrequency: 4s
+syncFrequency: 10s
+fileCheckFrequency: 10s
+EOF
+  daemon "kubelet-$node" "uitc-$node" env "PATH=$NODE_BIN:$PATH" "$NODE_BIN/kubelet" \
+    --config="$dir/kubelet.yaml" --kubeconfig="$pki/kubelet-$node.kubeconfig" \
+    --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" --hostname-override="$node" \
+    --node-ip="$ip" --v=0
+
+  cat >"$dir/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clientConnection: {kubeconfig: $pki/kube-proxy.kubeconfig}
+hostnameOverride: $node
+clusterCIDR: $CLUSTER_CIDR
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+nodePortAddresses: [$ip/32]
+# A network namespace has no conntrack sysctls of its own to raise: leave them alone.
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+  daemon "kube-proxy-$node" "uitc-$node" "$NODE_BIN/kube-proxy" --config="$dir/kube-proxy.yaml" --v=0
+}
+
+up() {
+  exec 9>"$LOCK"
+  flock -w 60 9 || die "another hack/cluster.sh holds $LOCK"
+  local owner=${UWSGI_IT_CLUSTER_OWNER:-$PPID}
+  if owner_alive; then
+    die "a cluster is already up, owned by pid $(cat "$CLUSTER_DIR/owner"); one per machine"
+  fi
+  if [ -e "$CLUSTER_DIR" ] || ip netns list | grep -q '^uitc-'; then
+    say "removing the leftovers of an earlier cluster"
+    down
+  fi
+  [ -n "${UWSGI_IT_CONTROL_PLANE_BIN:-}" ] || UWSGI_IT_CONTROL_PLANE_BIN=$(bash hack/control-plane.sh)
+  NODE_BIN=${UWSGI_IT_NODE_BIN:-$(bash hack/node-binaries.sh)}
+  local images_env=${UWSGI_IT_IMAGES:-$HOME/.cache/uwsgi-it-operator/images}/images.env
+  [ -f "$images_env" ] || die "no images: run hack/images.sh first"
+  # shellcheck disable=SC1090
+  source "$images_env"
+  IMAGE_ARCHIVES=("$PAUSE_ARCHIVE" "$OPERATOR_ARCHIVE" "$DISTRO_ARCHIVE")
+  command -v runc >/dev/null || die "runc is missing: run hack/install-deps.sh"
+
+  mkdir -p "$CLUSTER_DIR"
+  # A shared mount, as / is on a systemd host: the agent mounts the homes with
+  # HostToContainer propagation, which the runtime refuses on a private mount.
+  mount --bind "$CLUSTER_DIR" "$CLUSTER_DIR"
+  mount --make-rshared "$CLUSTER_DIR"
+  mkdir -p "$run" "$logs" "$CLUSTER_DIR/homes"
+  echo "$owner" >"$CLUSTER_DIR/owner"
+  [ -e /run/containerd ] || touch "$CLUSTER_DIR/made-run-containerd"
+  [ -e /var/lib/cni ] || touch "$CLUSTER_DIR/made-var-lib-cni"
+  # From here on a failure leaves nothing behind (the logs are kept for a look).
+  ok=0
+  trap 'if [ "$ok" != 1 ]; then
+    say "bring-up failed; removing what it made (logs kept in /tmp/uwsgi-it-cluster-logs)"
+    rm -rf /tmp/uwsgi-it-cluster-logs; cp -r "$logs" /tmp/uwsgi-it-cluster-logs 2>/dev/null
+    down
+  fi' EXIT
+
+  # The watchdog: when the owner is gone, so is the cluster. Outside the cluster's cgroup, so
+  # `down` does not kill it before it has finished.
+  (
+    trap '' INT
+    export WATCHDOG_SELF=$BASHPID
+    while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+    [ "$(cat "$CLUSTER_DIR/owner" 2>/dev/null)" = "$owner" ] || exit 0
+    exec 9>"$LOCK"
+    flock 9
+    [ "$(cat "$CLUSTER_DIR/owner" 2>/dev/null)" = "$owner" ] && down
+  ) </dev/null >/dev/null 2>&1 9>&- &
+  echo "$!" >"$run/watchdog.pid"
+
+  say "network namespaces and bridge"
+  make_network
+  make_cgroups
+  say "certificates"
+  make_pki
+  say "control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)"
+  start_control_plane
+  local node
+  for node in "${NODES[@]}"; do
+    say "server node $node (${NODE_IP[$node]}): containerd, images, kubelet, kube-proxy"
+    start_node "$node"
+  done
+  local kubectl="$UWSGI_IT_CONTROL_PLANE_BIN/kubectl --kubeconfig=$CLUSTER_DIR/kubeconfig"
+  for node in "${NODES[@]}"; do
+    wait_for "node $node registered" 120 $kubectl get node "$node"
+  done
+  $kubectl wait --for=condition=Ready node --all --timeout=180s >&2 ||
+    die "nodes not Ready; logs in $logs"
+  ok=1
+  {
+    echo "KUBECONFIG=$CLUSTER_DIR/kubeconfig"
+    echo "HOME_ROOT=$CLUSTER_DIR/homes"
+    echo "CLIENT_NETNS=uitc-client"
+    for node in "${NODES[@]}"; do
+      local key=${node^^}
+      echo "NODE_${key//-/_}=${NODE_IP[$node]}"
+      echo "PUBLIC_${key//-/_}=${PUBLIC_IP[$node]}"
+    done
+    cat "$images_env"
+  } | tee "$CLUSTER_DIR/cluster.env"
+  say "up: export KUBECONFIG=$CLUSTER_DIR/kubeconfig"
+}
+
+case ${1:-} in
+  up) up ;;
+  down)
+    exec 9>"$LOCK"
+    flock -w 60 9 || die "another hack/cluster.sh holds $LOCK"
+    down
+    ;;
+  status)
+    if owner_alive; then echo "up, owned by pid $(cat "$CLUSTER_DIR/owner")"; else echo "down"; fi
+    ;;
+  *) die "usage: $0 up|down|status" ;;
+esac
