@@ -6,6 +6,9 @@
 # The runtime is Debian slim, not distroless: the agent runs `nft`, `iptables-restore`,
 # `iptables-save` and `conntrack` to program the servers' port forwards, so those tools (and
 # their libraries) must be in the image. The controller uses none of them.
+#
+# Without a Docker daemon, `hack/images.sh` builds the same image (same Debian packages, same
+# binary, entrypoint and user) with mmdebstrap, reproducibly; the tests and the local run use that.
 
 # The toolchain the project is developed and tested with (newer than the MSRV in Cargo.toml,
 # because dependencies may need it).
@@ -15,11 +18,13 @@ ARG DEBIAN_RELEASE=bookworm
 # --- build -----------------------------------------------------------------------------------
 FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
-# Only what the build reads: the workspace manifests, the lock file and the sources. The CRDs and
-# the chart are not compiled in.
+# Only what the build reads: the workspace manifests, the lock file, the sources and the bench
+# target the root manifest declares (cargo reads every declared target's path). The CRDs and the
+# chart are not compiled in. tests/images.rs checks that these lines are enough.
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
 COPY src ./src
+COPY benches ./benches
 # Cache mounts keep the registry and the target directory between builds; the binary is copied
 # out of the cached target directory, which does not survive the RUN step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

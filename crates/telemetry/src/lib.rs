@@ -21,7 +21,11 @@ pub use prometheus_client;
 /// `RUST_LOG`, when set, overrides `level`.
 pub fn init_tracing(level: &str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a person at a terminal: in a Pod's log they are escape codes.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
     let _ = if json {
         builder.json().try_init()
     } else {
