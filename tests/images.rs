@@ -38,7 +38,12 @@ fn copy_tree(from: &Path, to: &Path) {
         .arg(to)
         .status()
         .unwrap();
-    assert!(status.success(), "cp -a {} {}", from.display(), to.display());
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
 }
 
 #[test]
@@ -50,9 +55,10 @@ fn the_dockerfile_build_stage_copies_everything_cargo_reads() {
     for (sources, destination) in copies {
         for source in sources {
             let target = if destination.ends_with('/') {
-                context.path().join(destination.trim_start_matches("./")).join(
-                    Path::new(&source).file_name().unwrap(),
-                )
+                context
+                    .path()
+                    .join(destination.trim_start_matches("./"))
+                    .join(Path::new(&source).file_name().unwrap())
             } else {
                 context.path().join(destination.trim_start_matches("./"))
             };
@@ -99,7 +105,13 @@ fn oci_images_are_reproducible_from_their_layers_and_time() {
     let dir = tempfile::tempdir().unwrap();
     let layer = dir.path().join("layer.tar");
     let status = Command::new("tar")
-        .args(["--mtime=@0", "--owner=0", "--group=0", "--numeric-owner", "-cf"])
+        .args([
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-cf",
+        ])
         .arg(&layer)
         .arg("-C")
         .arg(repo("hack"))

@@ -50,11 +50,11 @@ async fn scenario(cluster: &RealCluster) {
     cluster
         .install_chart("uwsgi-it", SYSTEM, &[])
         .expect("helm install");
-    apply(
+    cluster_apply(
         cluster,
         &std::fs::read_to_string(repo("examples/00-server.yaml")).unwrap(),
     );
-    apply(
+    cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
 kind: Server
@@ -75,7 +75,7 @@ spec: {servers: [server-1, server-2], users: [alice]}",
     step(
         "the seed quickstart: container hydra (1000 MB / 20000 MB) on server-1 by its public address",
     );
-    apply(
+    cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
 kind: Container
@@ -114,7 +114,7 @@ spec: {server: 203.0.113.10, memory: 1000, storage: 20000, distro: bookworm}",
         "a vassal placed in the home as the customer would, mapped tcp 9000 -> 8000 and udp 9001 -> 8001",
     );
     write_app(&home, uid, "app", 8000, Some(8001), "hello from hydra");
-    apply(
+    cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
 kind: PortMapping
@@ -160,7 +160,7 @@ spec: {container: hydra, proto: udp, publicPort: 9001, privatePort: 8001}",
     crash_loops.check(cluster);
 
     step("a vassal added while the container runs serves within 5 s; removing its .ini stops it");
-    apply(
+    cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
 kind: PortMapping
@@ -248,7 +248,7 @@ spec: {container: hydra, publicPort: 9002, privatePort: 8002}",
         .delete(&leader, &DeleteParams::default())
         .await
         .expect("deleting the leader's Pod");
-    apply(
+    cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
 kind: Container
@@ -335,28 +335,8 @@ async fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool
     }
 }
 
-fn apply(cluster: &RealCluster, yaml: &str) {
-    use std::io::Write;
-    let mut kubectl = cluster
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl");
-    kubectl
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = kubectl.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn cluster_apply(cluster: &RealCluster, yaml: &str) {
+    cluster.apply(yaml).expect("kubectl apply");
 }
 
 fn repo(relative: &str) -> std::path::PathBuf {

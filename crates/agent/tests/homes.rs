@@ -620,7 +620,10 @@ fn usage_counts_allocated_bytes() {
     f.homes.ensure(&spec(false, &[])).unwrap();
     let empty = f.homes.usage(UID).unwrap();
     assert!(!empty.truncated);
-    assert_eq!(empty.entries, 7, "the home, its five layout directories and .ssh");
+    assert_eq!(
+        empty.entries, 7,
+        "the home, its five layout directories and .ssh"
+    );
 
     let data = vec![0x5a_u8; 3 * MIB as usize];
     fs::write(f.home().join("three-mib"), &data).unwrap();
