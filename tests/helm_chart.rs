@@ -339,7 +339,7 @@ fn default_config_is_what_the_programs_expect() {
     assert_eq!(value["uidStore"], "uwsgi-it-uids");
     assert_eq!(
         value["distros"],
-        json!({"bookworm": "docker.io/library/debian:bookworm-slim"})
+        json!({"bookworm": "registry.example.invalid/uwsgi-it-distro-bookworm:0.1.0"})
     );
     // The NodePort range and the kubelet/kube-proxy ports, plus the agent's own host port.
     for port in [
@@ -1159,6 +1159,16 @@ async fn controller_and_agent_have_least_privilege() {
             &controller,
             ask("create", "", "persistentvolumeclaims", customer, None),
             true,
+        ),
+        (
+            &controller,
+            ask("patch", "", "persistentvolumeclaims", customer, None),
+            true,
+        ),
+        (
+            &controller,
+            ask("patch", "", "persistentvolumes", None, None),
+            false,
         ),
         (
             &controller,

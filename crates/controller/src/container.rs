@@ -39,6 +39,9 @@ pub const STOPPED_REASON: &str = "Stopped";
 
 /// How often a healthy container is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a container whose volumes are being bound is looked at again (volumes and claims
+/// are not watched: this wait happens once per Pod start and lasts milliseconds).
+const VOLUME_POLL: Duration = Duration::from_millis(100);
 
 /// Reconciles one Container.
 pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -56,8 +59,8 @@ pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<A
         refuse_unplaced(&ctx, &container, &problem).await?;
     }
     let record = AdmissionRecord::cached(&container);
-    reconcile_workload(&container, &record, &ctx).await?;
-    Ok(Action::requeue(RESYNC))
+    let next = reconcile_workload(&container, &record, &ctx).await?;
+    Ok(Action::requeue(next))
 }
 
 async fn ensure_finalizer(container: &Container, ctx: &Context) -> Result<(), Error> {
@@ -99,11 +102,12 @@ struct WorkloadStatus {
     usable: Vec<String>,
 }
 
+/// Runs the container's workload; returns when to look again.
 async fn reconcile_workload(
     container: &Container,
     record: &AdmissionRecord,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Duration, Error> {
     let namespace = container.namespace().unwrap_or_default();
     let distros: Vec<_> = ctx
         .distros_in(&namespace)
@@ -150,14 +154,16 @@ async fn reconcile_workload(
             }
         }
         Ok(workload) => {
-            for (volume, claim) in &workload.volumes {
-                create_if_missing(&Api::<PersistentVolume>::all(ctx.client.clone()), volume)
-                    .await?;
-                create_if_missing(
-                    &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace),
-                    claim,
-                )
-                .await?;
+            if existing.is_none()
+                && let Some(waiting) = bind_volumes(ctx, &namespace, &workload.volumes).await?
+            {
+                let status = WorkloadStatus {
+                    running: Some(Desired::no(RUNNING, "WaitingForVolume", waiting)),
+                    ip: None,
+                    usable,
+                };
+                write_workload_status(container, ctx, status).await?;
+                return Ok(VOLUME_POLL);
             }
             let wanted = workload
                 .pod
@@ -221,7 +227,73 @@ async fn reconcile_workload(
             }
         }
     };
-    write_workload_status(container, ctx, status).await
+    write_workload_status(container, ctx, status).await?;
+    Ok(RESYNC)
+}
+
+/// Annotation the controller sets on a claim once its volume is `Bound`, to have Kubernetes' PV
+/// controller look at the claim again (see [`bind_volumes`]).
+const VOLUME_BOUND_ANNOTATION: &str = "uwsgi.it/volume-bound";
+
+/// Makes the workload's volumes and claims and waits until each pair is bound; returns what is
+/// still awaited, or `None` when the Pod can be created (a kubelet that finds a claim unbound
+/// backs off before it looks again).
+///
+/// The order is what lets Kubernetes' PV controller bind at once instead of at its periodic
+/// resync (15 s by default): the claim first, then its volume pre-bound to the claim's *uid*,
+/// which the controller marks `Bound` on sight without writing anything else; then one update of
+/// the claim, which makes the controller finish the binding on the claim. A volume pre-bound by
+/// name only makes the PV controller's volume and claim workers race on the volume's status, and
+/// the loser waits for the resync. The uid also means no later claim of the same name can take
+/// the volume.
+async fn bind_volumes(
+    ctx: &Context,
+    namespace: &str,
+    volumes: &[(PersistentVolume, PersistentVolumeClaim)],
+) -> Result<Option<String>, Error> {
+    let volume_api = Api::<PersistentVolume>::all(ctx.client.clone());
+    let claim_api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
+    for (volume, claim) in volumes {
+        let claim_name = claim.name_any();
+        let claimed = match claim_api.get_opt(&claim_name).await? {
+            Some(claimed) => claimed,
+            None => match claim_api.create(&PostParams::default(), claim).await {
+                Ok(created) => created,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return Ok(Some(format!("claim {claim_name} created")));
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let claim_phase = claimed.status.as_ref().and_then(|s| s.phase.as_deref());
+        if claim_phase == Some("Bound") {
+            continue;
+        }
+        let volume_name = volume.name_any();
+        let Some(current) = volume_api.get_opt(&volume_name).await? else {
+            let mut volume = volume.clone();
+            if let Some(reference) = volume.spec.as_mut().and_then(|s| s.claim_ref.as_mut()) {
+                reference.uid = claimed.metadata.uid.clone();
+            }
+            create_if_missing(&volume_api, &volume).await?;
+            return Ok(Some(format!("volume {volume_name} created")));
+        };
+        let volume_phase = current.status.as_ref().and_then(|s| s.phase.as_deref());
+        if volume_phase == Some("Bound")
+            && !claimed.annotations().contains_key(VOLUME_BOUND_ANNOTATION)
+        {
+            let patch = serde_json::json!({"metadata": {"annotations": {VOLUME_BOUND_ANNOTATION: volume_name}}});
+            claim_api
+                .patch(&claim_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        return Ok(Some(format!(
+            "volume {volume_name} is {}, claim {claim_name} is {}",
+            volume_phase.unwrap_or("new"),
+            claim_phase.unwrap_or("new")
+        )));
+    }
+    Ok(None)
 }
 
 /// Why a container has no workload (yet).

@@ -1,5 +1,5 @@
-//! A real Kubernetes control plane on loopback: etcd and kube-apiserver, built from pinned Go
-//! modules by `hack/control-plane.sh`, started the way controller-runtime's envtest starts them
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver and kube-controller-manager's
+//! PersistentVolume binder, built from pinned Go modules by `hack/control-plane.sh`, started the way controller-runtime's envtest starts them
 //! (client-certificate admin in `system:masters`, RBAC authorization, service-account keys).
 //!
 //! Tests share one control plane per test binary ([`ControlPlane::shared`]) and give each test
@@ -144,7 +144,22 @@ impl ControlPlane {
         self.kubeconfig_yaml = pki.kubeconfig(&self.server);
         self.ca_pem = pki.ca_pem.clone();
         std::fs::write(&self.kubeconfig, &self.kubeconfig_yaml)?;
-        self.wait_ready()
+        self.wait_ready()?;
+
+        // Kubernetes' own PersistentVolume binder, the one controller of kube-controller-manager
+        // the controller's workloads depend on (it binds their pre-bound home volumes and claims).
+        let binder = self.spawn(
+            "kube-controller-manager",
+            &[
+                format!("--kubeconfig={}", self.kubeconfig.display()),
+                "--controllers=persistentvolume-binder-controller".into(),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--v=0".into(),
+            ],
+        )?;
+        self.children.lock().expect("children lock").push(binder);
+        Ok(())
     }
 
     fn spawn(&self, binary: &str, args: &[String]) -> Result<Child> {
