@@ -21,7 +21,8 @@ CACHE=${UWSGI_IT_CACHE:-$HOME/.cache/uwsgi-it-operator}
 out=${UWSGI_IT_IMAGES:-$CACHE/images}
 REGISTRY=${UWSGI_IT_IMAGE_REGISTRY:-uwsgi-it.local}
 SUITE=bookworm
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+# The last change to the recipe, not the last commit: an unrelated commit gives the same digests.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- hack/images.sh hack/oci-image.py 2>/dev/null || echo 0)}
 say() { printf '[images] %s\n' "$*" >&2; }
 
 [ "$(id -u)" -eq 0 ] || { say "root is needed (mmdebstrap keeps file owners)"; exit 1; }

@@ -70,6 +70,16 @@ spec: {servers: [server-1, server-2], users: [alice]}",
     wait_condition(&customers, CUSTOMER, "Ready", WAIT)
         .await
         .expect("the customer's namespace is made");
+    // Pod Security admission enforces `restricted` here: a workload Pod that did not meet it
+    // would be refused at creation and the container would never run.
+    cluster
+        .kubectl_run(&[
+            "label",
+            "namespace",
+            CUSTOMER,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ])
+        .expect("labelling the customer namespace");
     crash_loops.check(cluster);
 
     step(
@@ -190,6 +200,40 @@ spec: {container: hydra, publicPort: 9002, privatePort: 8002}",
         http_get(&client_ns, web, "/", Duration::from_secs(2)).is_ok(),
         "the first vassal still serves"
     );
+
+    step(
+        "a Failed Pod (what an eviction by the kubelet leaves) is replaced and the app answers again",
+    );
+    let failed_uid = pods.get("hydra").await.unwrap().metadata.uid;
+    let evicted = serde_json::json!({
+        "status": {"phase": "Failed", "reason": "Evicted", "message": "the node was low on memory"}
+    });
+    pods.patch_status(
+        "hydra",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&evicted),
+    )
+    .await
+    .expect("marking hydra's Pod Failed");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let replaced = pods.get_opt("hydra").await.unwrap().is_some_and(|p| {
+            p.metadata.uid != failed_uid
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        });
+        if replaced {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Failed Pod was not replaced");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_condition(&mappings, "hydra-web", "Programmed", WAIT)
+        .await
+        .unwrap();
+    let answer = wait_http(&client_ns, web, Duration::from_secs(60))
+        .await
+        .expect("the app answers from the new Pod");
+    assert_eq!(answer.trim(), "hello from hydra");
 
     step("the agent Pod of server-1 deleted while traffic flows: no refused connection");
     let probe = Probe::start(cluster.client_netns().unwrap(), web);

@@ -235,8 +235,9 @@ impl Drop for RealCluster {
     }
 }
 
-/// What a cluster left on this machine: processes in its cgroup, its cgroups, its network
-/// namespaces (its own `uitc-*` and its Pods'), its mounts and its directory. Empty when clean.
+/// What a cluster left on this machine: its processes, its cgroups, its network namespaces
+/// (`uitc-*`; its Pods' live under its directory), its mounts, its directory, nft tables of its
+/// components in the host's namespace. Empty when clean.
 pub fn leftovers() -> Vec<String> {
     let mut left = Vec::new();
     if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -269,6 +270,15 @@ pub fn leftovers() -> Vec<String> {
     }
     for process in cluster_processes() {
         left.push(format!("process {process}"));
+    }
+    // The nodes' tables (kube-proxy's, the agent's) live in the nodes' namespaces and go with
+    // them; one in this host's namespace would be a leak into the machine's own firewall.
+    if let Ok(output) = Command::new("nft").args(["list", "tables"]).output() {
+        for table in String::from_utf8_lossy(&output.stdout).lines() {
+            if table.contains("kube-proxy") || table.contains("uwsgi_it") {
+                left.push(format!("nft {table} in the host's namespace"));
+            }
+        }
     }
     left
 }
