@@ -16,12 +16,16 @@
 #   uitc-client  198.18.0.100: where test traffic to the servers' public addresses comes from
 #   this host    198.18.0.254 on veth uitc-host, so tests and kubectl reach the API server
 #
-# 198.18.0.0/15 is the range set aside for network tests (RFC 2544). No namespace has a
-# default route, so no Pod can reach the machine's uplink, and nothing listens on it.
+# 198.18.0.0/15 is the range set aside for network tests (RFC 2544). No node has a default
+# route (a Pod's default route ends at its node), so nothing in the cluster can reach the
+# machine's uplink, and nothing listens on it; the host end of uitc-host takes no connection
+# from the cluster (nft table inet uitc_host_guard), only replies to its own.
 #
-# One cluster per machine: `up` refuses while another owner (UWSGI_IT_CLUSTER_OWNER, a pid,
-# default the caller) is alive, and sweeps the leftovers of one that is not. A watchdog runs
-# `down` when the owner exits, however it exits (panic, SIGKILL, Ctrl-C). Every process is
+# One cluster per machine: `up` refuses while another one is wanted (its owner, the pid in
+# UWSGI_IT_CLUSTER_OWNER, is alive; or it was brought up by hand, without an owner, and not taken
+# down), and sweeps the leftovers of one that is not. With an owner, a watchdog in a session of
+# its own runs `down` when the owner exits, however it exits (panic, SIGKILL, Ctrl-C). Every
+# process is
 # started in the cgroup /uwsgi-it-cluster (containers too: it is the kubelets' cgroupRoot), so
 # `down` finds them all, Pods and containerd shims included.
 set -euo pipefail
@@ -49,21 +53,33 @@ logs=$CLUSTER_DIR/logs
 pki=$CLUSTER_DIR/pki
 
 # --- cleanup -------------------------------------------------------------------------------
+# What the cluster changes outside its directory is recorded under /run (gone after a reboot,
+# with what it describes): host sysctls the kubelets set, host paths it made.
+markers=/run/uwsgi-it-cluster
+HOST_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+
 kill_cgroup() {
-  local root=/sys/fs/cgroup/pids/$CGROUP i pids
+  local root=/sys/fs/cgroup/pids/$CGROUP freezer=/sys/fs/cgroup/freezer/$CGROUP i pids
   [ -d "$root" ] || return 0
+  # Frozen first, so nothing forks or exits (and frees its pid for reuse) while it is killed.
+  [ -d "$freezer" ] && echo FROZEN >"$freezer/freezer.state" 2>/dev/null
   for i in $(seq 1 50); do
     pids=$(find "$root" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
-    [ -z "$pids" ] && return 0
+    if [ -z "$pids" ]; then
+      [ -d "$freezer" ] && echo THAWED >"$freezer/freezer.state" 2>/dev/null
+      return 0
+    fi
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
+    [ -d "$freezer" ] && echo THAWED >"$freezer/freezer.state" 2>/dev/null
     sleep 0.2
   done
   say "processes still alive in $root: $pids"
 }
 
 remove_cgroups() {
-  local hierarchy dir
+  local hierarchy
   for hierarchy in /sys/fs/cgroup/*/; do
     [ -d "$hierarchy$CGROUP" ] || continue
     # Depth first: a cgroup can only be removed once its children are.
@@ -74,18 +90,19 @@ remove_cgroups() {
 }
 
 unmount_all() {
-  local mounts
-  # Mount points under the cluster directory, deepest first (mountinfo field 5).
-  mounts=$(awk -v d="$CLUSTER_DIR" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r)
-  for m in $mounts; do umount -l "$m" 2>/dev/null || true; done
+  local m
+  # Mount points at or under the cluster directory, deepest first (mountinfo field 5, with
+  # its octal escapes undone).
+  awk -v d="$CLUSTER_DIR" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo |
+    sort -r | while read -r m; do
+      m=$(printf '%b' "$m")
+      umount -l "$m" 2>/dev/null || say "could not unmount $m"
+    done
 }
 
 down() {
-  if [ -f "$run/watchdog.pid" ]; then
-    local w
-    w=$(cat "$run/watchdog.pid")
-    [ "$w" != "${WATCHDOG_SELF:-}" ] && kill "$w" 2>/dev/null || true
-  fi
+  # Finish even when interrupted again: a half-done cleanup is what must never happen.
+  trap '' INT TERM HUP
   kill_cgroup
   unmount_all
   local ns
@@ -93,19 +110,43 @@ down() {
     ip netns delete "$ns" 2>/dev/null || say "could not delete netns $ns"
   done
   ip link delete uitc-host 2>/dev/null || true
+  nft delete table inet uitc_host_guard 2>/dev/null || true
   remove_cgroups
-  # The shims' sockets live in a fixed directory; it is removed when it holds only ours.
-  if [ -f "$CLUSTER_DIR/made-run-containerd" ]; then rm -rf /run/containerd; fi
-  if [ -f "$CLUSTER_DIR/made-var-lib-cni" ]; then rm -rf /var/lib/cni; fi
+  if [ -d "$markers" ]; then
+    [ -f "$markers/made-run-containerd" ] && rm -rf /run/containerd
+    [ -f "$markers/made-var-lib-cni" ] && rm -rf /var/lib/cni
+    [ -f "$markers/made-xtables-lock" ] && rm -f /run/xtables.lock
+    [ -f "$markers/sysctls" ] && sysctl -q -p "$markers/sysctls" >/dev/null 2>&1
+  fi
+  # The kubelets link every container's log into /var/log/containers, whatever podLogsDir says.
+  find /var/log/containers -maxdepth 1 -type l -lname "$CLUSTER_DIR/*" -delete 2>/dev/null || true
   unmount_all
-  rm -rf "$CLUSTER_DIR"
+  if [ -e "$CLUSTER_DIR" ] && [ ! -e "$CLUSTER_DIR/.uwsgi-it-cluster" ]; then
+    say "not removing $CLUSTER_DIR: it was not made by this script"
+  else
+    rm -rf --one-file-system "$CLUSTER_DIR"
+  fi
+  # The watchdog last: if this is it, everything is done by now.
+  if [ -f "$markers/watchdog.pid" ]; then
+    local w
+    w=$(cat "$markers/watchdog.pid")
+    # Only if that pid is still the watchdog (a pid can be reused).
+    if [ "$w" != "${WATCHDOG_SELF:-}" ] &&
+      [[ "$(tr '\0' ' ' <"/proc/$w/cmdline" 2>/dev/null)" == *"cluster.sh watchdog"* ]]; then
+      kill -9 "$w" 2>/dev/null || true
+    fi
+  fi
+  rm -rf "$markers"
   return 0
 }
 
+# Whether a cluster is up and someone still wants it: its owner process lives, or it was
+# brought up by hand (no owner) and not taken down yet.
 owner_alive() {
   local owner
-  [ -f "$CLUSTER_DIR/owner" ] || return 1
-  owner=$(cat "$CLUSTER_DIR/owner")
+  [ -f "$markers/owner" ] || return 1
+  owner=$(cat "$markers/owner")
+  [ "$owner" = manual ] && return 0
   [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null
 }
 
@@ -209,6 +250,17 @@ make_network() {
   ip -n uitc-cp link set host master br0 up
   ip addr add "$HOST_IP/24" dev uitc-host
   ip link set uitc-host up
+  # The cluster may answer this host, never open connections to it: a Pod or a node must not
+  # reach services of the machine through this link.
+  nft -f - <<'NFT'
+table inet uitc_host_guard {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "uitc-host" ct state established,related accept
+    iifname "uitc-host" drop
+  }
+}
+NFT
 }
 
 # --- processes -----------------------------------------------------------------------------
@@ -245,7 +297,7 @@ wait_for() { # description, seconds, command...
   local what=$1 seconds=$2 i
   shift 2
   for i in $(seq 1 $((seconds * 5))); do
-    "$@" >/dev/null 2>&1 && return 0
+    "$@" >/dev/null 2>&1 9>&- && return 0
     sleep 0.2
   done
   die "$what not ready after ${seconds}s; logs in $logs"
@@ -338,7 +390,7 @@ EOF
   local archive
   for archive in "${IMAGE_ARCHIVES[@]}"; do
     "$NODE_BIN/ctr" --address "$dir/containerd.sock" -n k8s.io images import \
-      --snapshotter overlayfs "$archive" >/dev/null ||
+      --snapshotter overlayfs "$archive" >/dev/null 9>&- ||
       die "importing $archive into $node's containerd failed"
   done
 
@@ -396,18 +448,29 @@ EOF
 }
 
 up() {
+  [ -d /sys/fs/cgroup/pids ] && [ -d /sys/fs/cgroup/freezer ] ||
+    die "this script needs cgroup v1 (pids and freezer hierarchies); this host has none"
   exec 9>"$LOCK"
-  flock -w 60 9 || die "another hack/cluster.sh holds $LOCK"
-  local owner=${UWSGI_IT_CLUSTER_OWNER:-$PPID}
+  flock -w 600 9 || die "another hack/cluster.sh has held $LOCK for 10 minutes"
+  # The owner: a process whose end takes the cluster down (the tests, the local run). Without
+  # one the cluster stays until `hack/cluster.sh down`.
+  local owner=${UWSGI_IT_CLUSTER_OWNER:-manual}
   if owner_alive; then
-    die "a cluster is already up, owned by pid $(cat "$CLUSTER_DIR/owner"); one per machine"
+    die "a cluster is already up, owned by $(cat "$markers/owner"); one per machine ($0 down removes it)"
   fi
-  if [ -e "$CLUSTER_DIR" ] || ip netns list | grep -q '^uitc-'; then
+  if [ -e "$CLUSTER_DIR" ] && [ ! -e "$CLUSTER_DIR/.uwsgi-it-cluster" ]; then
+    die "$CLUSTER_DIR exists and was not made by this script; choose another UWSGI_IT_CLUSTER_DIR"
+  fi
+  local leftovers
+  leftovers=$(ip netns list 2>/dev/null | awk '$1 ~ /^uitc-/' || true)
+  if [ -e "$CLUSTER_DIR" ] || [ -d "$markers" ] || [ -n "$leftovers" ]; then
     say "removing the leftovers of an earlier cluster"
     down
+    trap - INT TERM HUP
   fi
-  [ -n "${UWSGI_IT_CONTROL_PLANE_BIN:-}" ] || UWSGI_IT_CONTROL_PLANE_BIN=$(bash hack/control-plane.sh)
-  NODE_BIN=${UWSGI_IT_NODE_BIN:-$(bash hack/node-binaries.sh)}
+  # The builds and waits below must not hold the lock if this script is killed: 9>&-.
+  [ -n "${UWSGI_IT_CONTROL_PLANE_BIN:-}" ] || UWSGI_IT_CONTROL_PLANE_BIN=$(bash hack/control-plane.sh 9>&-)
+  NODE_BIN=${UWSGI_IT_NODE_BIN:-$(bash hack/node-binaries.sh 9>&-)}
   local images_env=${UWSGI_IT_IMAGES:-$HOME/.cache/uwsgi-it-operator/images}/images.env
   [ -f "$images_env" ] || die "no images: run hack/images.sh first"
   # shellcheck disable=SC1090
@@ -415,41 +478,44 @@ up() {
   IMAGE_ARCHIVES=("$PAUSE_ARCHIVE" "$OPERATOR_ARCHIVE" "$DISTRO_ARCHIVE")
   command -v runc >/dev/null || die "runc is missing: run hack/install-deps.sh"
 
+  mkdir -p "$markers"
+  echo "$owner" >"$markers/owner"
+  [ -e /run/containerd ] || touch "$markers/made-run-containerd"
+  [ -e /var/lib/cni ] || touch "$markers/made-var-lib-cni"
+  [ -e /run/xtables.lock ] || touch "$markers/made-xtables-lock"
+  # The kubelets set these host-wide (they are not per network namespace); `down` puts them back.
+  local key
+  for key in "${HOST_SYSCTLS[@]}"; do
+    echo "$key = $(sysctl -n "$key")" >>"$markers/sysctls"
+  done
   mkdir -p "$CLUSTER_DIR"
+  touch "$CLUSTER_DIR/.uwsgi-it-cluster"
   # A shared mount, as / is on a systemd host: the agent mounts the homes with
   # HostToContainer propagation, which the runtime refuses on a private mount.
   mount --bind "$CLUSTER_DIR" "$CLUSTER_DIR"
   mount --make-rshared "$CLUSTER_DIR"
   mkdir -p "$run" "$logs" "$CLUSTER_DIR/homes"
-  echo "$owner" >"$CLUSTER_DIR/owner"
-  [ -e /run/containerd ] || touch "$CLUSTER_DIR/made-run-containerd"
-  [ -e /var/lib/cni ] || touch "$CLUSTER_DIR/made-var-lib-cni"
   # From here on a failure leaves nothing behind (the logs are kept for a look).
   ok=0
   trap 'if [ "$ok" != 1 ]; then
-    say "bring-up failed; removing what it made (logs kept in /tmp/uwsgi-it-cluster-logs)"
-    rm -rf /tmp/uwsgi-it-cluster-logs; cp -r "$logs" /tmp/uwsgi-it-cluster-logs 2>/dev/null
+    kept=$(mktemp -d /tmp/uwsgi-it-cluster-logs.XXXXXX)
+    cp -r "$logs" "$kept" 2>/dev/null
+    say "bring-up failed; removing what it made (logs kept in $kept)"
     down
   fi' EXIT
 
-  # The watchdog: when the owner is gone, so is the cluster. Outside the cluster's cgroup, so
-  # `down` does not kill it before it has finished.
-  (
-    trap '' INT
-    export WATCHDOG_SELF=$BASHPID
-    while kill -0 "$owner" 2>/dev/null; do sleep 1; done
-    [ "$(cat "$CLUSTER_DIR/owner" 2>/dev/null)" = "$owner" ] || exit 0
-    exec 9>"$LOCK"
-    flock 9
-    [ "$(cat "$CLUSTER_DIR/owner" 2>/dev/null)" = "$owner" ] && down
-  ) </dev/null >/dev/null 2>&1 9>&- &
-  echo "$!" >"$run/watchdog.pid"
+  # The watchdog: when the owner is gone, so is the cluster. A session of its own, deaf to the
+  # signals a terminal or a CI job sends its process group, outside the cluster's cgroup.
+  if [ "$owner" != manual ]; then
+    setsid bash "$0" watchdog "$owner" </dev/null >/dev/null 2>&1 9>&- &
+    echo "$!" >"$markers/watchdog.pid"
+  fi
 
   say "network namespaces and bridge"
   make_network
   make_cgroups
   say "certificates"
-  make_pki
+  (umask 077 && make_pki)
   say "control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)"
   start_control_plane
   local node
@@ -461,7 +527,7 @@ up() {
   for node in "${NODES[@]}"; do
     wait_for "node $node registered" 120 $kubectl get node "$node"
   done
-  $kubectl wait --for=condition=Ready node --all --timeout=180s >&2 ||
+  $kubectl wait --for=condition=Ready node --all --timeout=180s >&2 9>&- ||
     die "nodes not Ready; logs in $logs"
   ok=1
   {
@@ -478,15 +544,32 @@ up() {
   say "up: export KUBECONFIG=$CLUSTER_DIR/kubeconfig"
 }
 
+# Runs `down` once the owner process is gone (started by `up`, in a session of its own).
+watchdog() {
+  local owner=$1
+  trap '' INT TERM HUP
+  export WATCHDOG_SELF=$$
+  while kill -0 "$owner" 2>/dev/null; do sleep 1; done
+  exec 9>"$LOCK"
+  flock 9
+  # Only the cluster this watchdog was made for: a new one has another owner.
+  [ "$(cat "$markers/owner" 2>/dev/null)" = "$owner" ] && down
+  return 0
+}
+
 case ${1:-} in
   up) up ;;
   down)
     exec 9>"$LOCK"
-    flock -w 60 9 || die "another hack/cluster.sh holds $LOCK"
+    flock -w 600 9 || die "another hack/cluster.sh has held $LOCK for 10 minutes"
     down
     ;;
+  watchdog)
+    [ -n "${2:-}" ] || die "usage: $0 watchdog OWNER-PID"
+    watchdog "$2"
+    ;;
   status)
-    if owner_alive; then echo "up, owned by pid $(cat "$CLUSTER_DIR/owner")"; else echo "down"; fi
+    if owner_alive; then echo "up, owned by $(cat "$markers/owner")"; else echo "down"; fi
     ;;
   *) die "usage: $0 up|down|status" ;;
 esac

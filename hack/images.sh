@@ -15,6 +15,8 @@
 # printed at the end. The Debian root filesystems are cached by the hash of this script, so only
 # the binary layer is rebuilt when the code changes.
 set -euo pipefail
+# `set -e` inside $(...) too: a failed build in a command substitution must stop the script.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 CACHE=${UWSGI_IT_CACHE:-$HOME/.cache/uwsgi-it-operator}
@@ -38,7 +40,8 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
 done
 [ ${#sources[@]} -gt 0 ] || { say "no apt sources on this host"; exit 1; }
 
-recipe=$(sha256sum "$0" hack/oci-image.py | sha256sum | cut -c1-16)
+# The cache key: the recipe and the time stamped into everything it makes.
+recipe=$( (cat "$0" hack/oci-image.py && echo "$SOURCE_DATE_EPOCH") | sha256sum | cut -c1-16)
 # Docs, man pages and locales are not needed to run anything, and the apt lists are only a cache.
 slim=(--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*'

@@ -227,9 +227,33 @@ spec: {container: hydra, publicPort: 9002, privatePort: 8002}",
         assert!(Instant::now() < deadline, "the Failed Pod was not replaced");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    wait_condition(&mappings, "hydra-web", "Programmed", WAIT)
+    // The answer must come from the new Pod: the forward is re-programmed to its address first.
+    let new_ip = pods
+        .get("hydra")
         .await
-        .unwrap();
+        .unwrap()
+        .status
+        .and_then(|s| s.pod_ip)
+        .expect("the new Pod's address");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mapping = mappings.get("hydra-web").await.unwrap();
+        let target = mapping.status.and_then(|s| s.target).unwrap_or_default();
+        let programmed = serde_json::to_value(mappings.get("hydra-web").await.unwrap())
+            .unwrap()["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Programmed" && c["status"] == "True");
+        if target == format!("{new_ip}:8000") && programmed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forward never moved to the new Pod ({target})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let answer = wait_http(&client_ns, web, Duration::from_secs(60))
         .await
         .expect("the app answers from the new Pod");
@@ -292,6 +316,24 @@ spec: {container: hydra, publicPort: 9002, privatePort: 8002}",
         .delete(&leader, &DeleteParams::default())
         .await
         .expect("deleting the leader's Pod");
+    // Only once the standby holds the Lease: the old leader may still act during its grace
+    // period, and what it admitted would prove nothing about the standby.
+    let deadline = Instant::now() + WAIT;
+    let new_leader = loop {
+        let holder = leases
+            .get(uwsgi_it_controller::LEASE_NAME)
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default();
+        if !holder.is_empty() && holder != leader {
+            break holder;
+        }
+        assert!(Instant::now() < deadline, "no replica took over the Lease");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("[real-cluster] {new_leader} took over from {leader}");
     cluster_apply(
         cluster,
         "apiVersion: uwsgi.it/v1alpha1
@@ -302,14 +344,6 @@ spec: {server: server-2, memory: 500, storage: 1000, distro: bookworm}",
     wait_condition(&containers, "after-failover", "Admitted", WAIT)
         .await
         .expect("the standby admits a new container");
-    let new_leader = leases
-        .get(uwsgi_it_controller::LEASE_NAME)
-        .await
-        .unwrap()
-        .spec
-        .and_then(|s| s.holder_identity)
-        .unwrap_or_default();
-    assert_ne!(new_leader, leader, "another replica leads");
     wait_condition(&containers, "after-failover", "Running", WAIT)
         .await
         .expect("its Emperor runs on server-2");

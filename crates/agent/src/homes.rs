@@ -45,8 +45,9 @@ pub const DISTROS_MODE: u32 = 0o755;
 /// Mode of `<homeRoot>/.archive`: archived homes keep customer data, readable by root only.
 pub const ARCHIVE_MODE: u32 = 0o700;
 /// uwsgi.it's home layout: `vassals/` is what the Emperor watches, the others are where a
-/// customer's apps keep logs, sockets and pid files, scratch files and configuration. Made once,
-/// when missing; afterwards they are the customer's to change (mode, contents, even removal).
+/// customer's apps keep logs, sockets and pid files, scratch files and configuration. Each is
+/// made when nothing of its name is there; whatever is there is the customer's and left as it
+/// is (mode, owner, contents, even a symlink).
 pub const LAYOUT: [&str; 5] = ["vassals", "logs", "run", "tmp", "etc"];
 /// Mode of the layout directories when the agent makes them (the home itself is 0700).
 pub const LAYOUT_MODE: u32 = 0o755;
@@ -321,11 +322,13 @@ impl Homes {
             }
         }
 
+        let ssh_fd = ensure_dir(home_fd.as_fd(), &ssh, SSH_DIR_MODE, owner, &mut changes)?;
+        sync_authorized_keys(ssh_fd.as_fd(), &keys_path, &keys, uid, &mut changes)?;
+        // After the keys: a layout directory that cannot be made (the customer raced it, the
+        // disk is full) must not stop key changes from applying.
         for name in LAYOUT {
             create_if_missing(home_fd.as_fd(), &home.join(name), uid, &mut changes)?;
         }
-        let ssh_fd = ensure_dir(home_fd.as_fd(), &ssh, SSH_DIR_MODE, owner, &mut changes)?;
-        sync_authorized_keys(ssh_fd.as_fd(), &keys_path, &keys, uid, &mut changes)?;
 
         Ok(HomeReport {
             home,

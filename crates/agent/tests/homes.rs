@@ -168,7 +168,9 @@ fn the_home_gets_the_uwsgi_it_layout_once_and_the_customer_keeps_it() {
     fs::set_permissions(f.home().join("logs"), fs::Permissions::from_mode(0o700)).unwrap();
     fs::remove_dir(f.home().join("tmp")).unwrap();
     fs::remove_dir(f.home().join("etc")).unwrap();
-    std::os::unix::fs::symlink("/", f.home().join("etc")).unwrap();
+    let elsewhere = f.outside.join("not-the-customers");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, f.home().join("etc")).unwrap();
     let report = f.homes.ensure(&spec(false, &[])).unwrap();
     assert_eq!(
         report.changes,

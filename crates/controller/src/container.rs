@@ -39,9 +39,14 @@ pub const STOPPED_REASON: &str = "Stopped";
 
 /// How often a healthy container is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(300);
-/// How soon a container whose volumes are being bound is looked at again (volumes and claims
-/// are not watched: this wait happens once per Pod start and lasts milliseconds).
+/// How soon a container whose volumes are being bound is looked at again. Volumes and claims
+/// are not watched (a cluster-wide watch for a wait of milliseconds once per Pod start): polled
+/// quickly while the claim is young, slowly after that (a claim that does not bind is stuck).
 const VOLUME_POLL: Duration = Duration::from_millis(100);
+const VOLUME_POLL_STUCK: Duration = Duration::from_secs(5);
+const VOLUME_YOUNG: Duration = Duration::from_secs(10);
+/// The shortest life after which a Failed Pod is replaced.
+const MIN_POD_LIFETIME: Duration = Duration::from_secs(10);
 
 /// Reconciles one Container.
 pub async fn reconcile(container: Arc<Container>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -155,7 +160,8 @@ async fn reconcile_workload(
         }
         Ok(workload) => {
             if existing.is_none()
-                && let Some(waiting) = bind_volumes(ctx, &namespace, &workload.volumes).await?
+                && let Some((waiting, poll)) =
+                    bind_volumes(ctx, &namespace, &workload.volumes).await?
             {
                 let status = WorkloadStatus {
                     running: Some(Desired::no(RUNNING, "WaitingForVolume", waiting)),
@@ -163,7 +169,7 @@ async fn reconcile_workload(
                     usable,
                 };
                 write_workload_status(container, ctx, status).await?;
-                return Ok(VOLUME_POLL);
+                return Ok(poll);
             }
             let wanted = workload
                 .pod
@@ -184,6 +190,34 @@ async fn reconcile_workload(
                 // never run again is replaced; the next pass creates the new one.
                 Some(pod) if pod_is_finished(&pod) => {
                     let phase = pod_phase(&pod);
+                    // A Pod the kubelet refuses at once (out of memory on the node, say) fails
+                    // as soon as it is made: replacing it no sooner than MIN_POD_LIFETIME after
+                    // its creation keeps that from becoming a create/delete loop.
+                    let age = pod
+                        .creation_timestamp()
+                        .map(|t| {
+                            let elapsed = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+                            Duration::try_from(elapsed).unwrap_or_default()
+                        })
+                        .unwrap_or(MIN_POD_LIFETIME);
+                    if age < MIN_POD_LIFETIME {
+                        let wait = MIN_POD_LIFETIME - age;
+                        let status = WorkloadStatus {
+                            running: Some(Desired::no(
+                                RUNNING,
+                                format!("Pod{phase}"),
+                                format!(
+                                    "the Pod is {phase} {}s after its creation; replacing it in {}s",
+                                    age.as_secs(),
+                                    wait.as_secs() + 1
+                                ),
+                            )),
+                            ip: None,
+                            usable,
+                        };
+                        write_workload_status(container, ctx, status).await?;
+                        return Ok(wait);
+                    }
                     stop_pod(ctx, container, &pod, &format!("the Pod is {phase}")).await?;
                     WorkloadStatus {
                         running: Some(Desired::no(
@@ -231,26 +265,27 @@ async fn reconcile_workload(
     Ok(RESYNC)
 }
 
-/// Annotation the controller sets on a claim once its volume is `Bound`, to have Kubernetes' PV
-/// controller look at the claim again (see [`bind_volumes`]).
-const VOLUME_BOUND_ANNOTATION: &str = "uwsgi.it/volume-bound";
+/// Annotation the controller sets on a claim whose volume exists, to have Kubernetes' PV
+/// controller look at the claim again (see [`bind_volumes`]); its value is the volume's
+/// resourceVersion, so each change of the volume gets one more look.
+const VOLUME_SEEN_ANNOTATION: &str = "uwsgi.it/volume-seen";
 
 /// Makes the workload's volumes and claims and waits until each pair is bound; returns what is
-/// still awaited, or `None` when the Pod can be created (a kubelet that finds a claim unbound
-/// backs off before it looks again).
+/// still awaited and when to look again, or `None` when the Pod can be created (a kubelet that
+/// finds a claim unbound backs off before it looks again).
 ///
 /// The order is what lets Kubernetes' PV controller bind at once instead of at its periodic
-/// resync (15 s by default): the claim first, then its volume pre-bound to the claim's *uid*,
-/// which the controller marks `Bound` on sight without writing anything else; then one update of
-/// the claim, which makes the controller finish the binding on the claim. A volume pre-bound by
-/// name only makes the PV controller's volume and claim workers race on the volume's status, and
-/// the loser waits for the resync. The uid also means no later claim of the same name can take
-/// the volume.
+/// resync (15 s by default): the claim first, then its volume pre-bound to the claim's *uid*
+/// (the PV controller marks it `Bound` without writing anything else), then an update of the
+/// claim, which makes the PV controller finish the binding on the claim. A volume pre-bound by
+/// name only makes the PV controller's volume and claim workers race on the volume's status,
+/// and the loser waits for the resync (measured: 12-27 s from apply to a running Pod). The uid
+/// also means no later claim of the same name can take the volume.
 async fn bind_volumes(
     ctx: &Context,
     namespace: &str,
     volumes: &[(PersistentVolume, PersistentVolumeClaim)],
-) -> Result<Option<String>, Error> {
+) -> Result<Option<(String, Duration)>, Error> {
     let volume_api = Api::<PersistentVolume>::all(ctx.client.clone());
     let claim_api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace);
     for (volume, claim) in volumes {
@@ -260,11 +295,26 @@ async fn bind_volumes(
             None => match claim_api.create(&PostParams::default(), claim).await {
                 Ok(created) => created,
                 Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Ok(Some(format!("claim {claim_name} created")));
+                    return Ok(Some((format!("claim {claim_name} created"), VOLUME_POLL)));
                 }
                 Err(e) => return Err(e.into()),
             },
         };
+        let young = claimed.creation_timestamp().is_none_or(|t| {
+            let age = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+            Duration::try_from(age).unwrap_or_default() < VOLUME_YOUNG
+        });
+        let poll = if young {
+            VOLUME_POLL
+        } else {
+            VOLUME_POLL_STUCK
+        };
+        if claimed.metadata.deletion_timestamp.is_some() {
+            return Ok(Some((
+                format!("claim {claim_name} is being deleted"),
+                VOLUME_POLL_STUCK,
+            )));
+        }
         let claim_phase = claimed.status.as_ref().and_then(|s| s.phase.as_deref());
         if claim_phase == Some("Bound") {
             continue;
@@ -276,21 +326,25 @@ async fn bind_volumes(
                 reference.uid = claimed.metadata.uid.clone();
             }
             create_if_missing(&volume_api, &volume).await?;
-            return Ok(Some(format!("volume {volume_name} created")));
+            return Ok(Some((format!("volume {volume_name} created"), VOLUME_POLL)));
         };
-        let volume_phase = current.status.as_ref().and_then(|s| s.phase.as_deref());
-        if volume_phase == Some("Bound")
-            && !claimed.annotations().contains_key(VOLUME_BOUND_ANNOTATION)
-        {
-            let patch = serde_json::json!({"metadata": {"annotations": {VOLUME_BOUND_ANNOTATION: volume_name}}});
+        let seen = current.resource_version();
+        if claimed.annotations().get(VOLUME_SEEN_ANNOTATION) != seen.as_ref() {
+            let patch = serde_json::json!({
+                "metadata": {"annotations": {VOLUME_SEEN_ANNOTATION: seen}}
+            });
             claim_api
                 .patch(&claim_name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
         }
-        return Ok(Some(format!(
-            "volume {volume_name} is {}, claim {claim_name} is {}",
-            volume_phase.unwrap_or("new"),
-            claim_phase.unwrap_or("new")
+        let volume_phase = current.status.as_ref().and_then(|s| s.phase.as_deref());
+        return Ok(Some((
+            format!(
+                "volume {volume_name} is {}, claim {claim_name} is {}",
+                volume_phase.unwrap_or("new"),
+                claim_phase.unwrap_or("new")
+            ),
+            poll,
         )));
     }
     Ok(None)

@@ -3,9 +3,9 @@
 //! namespace of its own, with the project's images imported; this wraps it for tests, the
 //! benchmarks and the local run.
 //!
-//! One cluster per machine at a time: [`RealCluster::up`] waits for the machine-wide lock the
-//! script keeps, and dropping the cluster (also while a failing test unwinds) runs
-//! `hack/cluster.sh down`. If the owning process dies without unwinding (SIGKILL), the script's
+//! One cluster per machine at a time: [`RealCluster::up`] fails while another one is up and
+//! wanted (the script's lock and owner), and dropping the cluster (also while a failing test
+//! unwinds) runs `hack/cluster.sh down`. If the owning process dies without unwinding (SIGKILL), the script's
 //! watchdog removes everything as soon as it notices.
 
 use std::collections::BTreeMap;
@@ -24,6 +24,8 @@ use crate::netns::Netns;
 
 /// Where the cluster keeps its state (the script's default).
 pub const CLUSTER_DIR: &str = "/var/lib/uwsgi-it-cluster";
+/// Where the script records what it changed outside its directory.
+pub const MARKERS_DIR: &str = "/run/uwsgi-it-cluster";
 /// The cgroup every process of the cluster runs in.
 pub const CGROUP: &str = "uwsgi-it-cluster";
 
@@ -40,6 +42,9 @@ impl RealCluster {
         let images_env = images_dir().join("images.env");
         if !images_env.exists() {
             run_script("hack/images.sh", &[])?;
+        }
+        if std::env::var_os("UWSGI_IT_CLUSTER_DIR").is_some() {
+            bail!("UWSGI_IT_CLUSTER_DIR is not supported here: the checks look at {CLUSTER_DIR}");
         }
         let mut command = Command::new("bash");
         command
@@ -197,19 +202,25 @@ impl RealCluster {
         Ok(())
     }
 
-    /// Pods in CrashLoopBackOff (or whose containers restarted into an error) anywhere in the
-    /// cluster, as `namespace/name: reason`.
+    /// Pods anywhere in the cluster that are in CrashLoopBackOff or whose containers restarted
+    /// at all (a restart between two looks is seen too), as `namespace/name restarts reasons`.
     pub fn crash_looping_pods(&self) -> Result<Vec<String>> {
         let out = self.kubectl_run(&[
             "get",
             "pods",
             "-A",
             "-o",
-            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} {.status.containerStatuses[*].state.waiting.reason}{\"\\n\"}{end}",
+            "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name} restarts={range .status.containerStatuses[*]}{.restartCount},{end} {.status.containerStatuses[*].state.waiting.reason}{\"\\n\"}{end}",
         ])?;
         Ok(out
             .lines()
-            .filter(|l| l.contains("CrashLoopBackOff"))
+            .filter(|l| {
+                let restarted = l
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("restarts="))
+                    .is_some_and(|n| n.split(',').any(|c| c.parse::<u32>().unwrap_or(0) > 0));
+                l.contains("CrashLoopBackOff") || restarted
+            })
             .map(str::to_string)
             .collect())
     }
@@ -275,8 +286,22 @@ pub fn leftovers() -> Vec<String> {
     // them; one in this host's namespace would be a leak into the machine's own firewall.
     if let Ok(output) = Command::new("nft").args(["list", "tables"]).output() {
         for table in String::from_utf8_lossy(&output.stdout).lines() {
-            if table.contains("kube-proxy") || table.contains("uwsgi_it") {
+            if table.contains("kube-proxy") || table.contains("uwsgi_it") || table.contains("uitc")
+            {
                 left.push(format!("nft {table} in the host's namespace"));
+            }
+        }
+    }
+    if Path::new("/sys/class/net/uitc-host").exists() {
+        left.push("link uitc-host".into());
+    }
+    if Path::new(MARKERS_DIR).exists() {
+        left.push(format!("directory {MARKERS_DIR}"));
+    }
+    if let Ok(links) = std::fs::read_dir("/var/log/containers") {
+        for link in links.flatten() {
+            if std::fs::read_link(link.path()).is_ok_and(|t| t.starts_with(CLUSTER_DIR)) {
+                left.push(format!("log link {}", link.path().display()));
             }
         }
     }
