@@ -65,19 +65,9 @@ import (
 EOF
 (cd "$k8s_wrapper" && go mod tidy >&2)
 
-minor=${K8S_VERSION#v1.}
-minor=${minor%%.*}
-stamp=""
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  stamp="$stamp -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-  stamp="$stamp -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
-for cmd in kube-apiserver kube-controller-manager kubectl; do
-  say "building $cmd $K8S_VERSION"
-  (cd "$k8s_wrapper" && go build -trimpath -ldflags "-s -w $stamp" -o "$out/bin/$cmd.tmp" \
-    "k8s.io/kubernetes/cmd/$cmd")
-  mv "$out/bin/$cmd.tmp" "$out/bin/$cmd"
-done
+# shellcheck source=hack/k8s-build.sh
+source "$(dirname "$0")/k8s-build.sh"
+build_k8s_commands "$k8s_wrapper" "$out/bin" "$K8S_VERSION" kube-apiserver kube-controller-manager kubectl
 
 # --- etcd ------------------------------------------------------------------------------------
 etcd_wrapper=$CACHE/build/etcd-$ETCD_VERSION

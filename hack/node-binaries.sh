@@ -46,20 +46,9 @@ import (
 )
 GO
 (cd "$k8s_wrapper" && go mod tidy >&2)
-minor=${K8S_VERSION#v1.}
-minor=${minor%%.*}
-stamp=""
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  stamp="$stamp -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-  stamp="$stamp -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
-for cmd in "${k8s_binaries[@]}"; do
-  [ -x "$out/bin/$cmd" ] && continue
-  say "building $cmd $K8S_VERSION"
-  (cd "$k8s_wrapper" && go build -trimpath -ldflags "-s -w $stamp" -o "$out/bin/$cmd.tmp" \
-    "k8s.io/kubernetes/cmd/$cmd")
-  mv "$out/bin/$cmd.tmp" "$out/bin/$cmd"
-done
+# shellcheck source=hack/k8s-build.sh
+source hack/k8s-build.sh
+build_k8s_commands "$k8s_wrapper" "$out/bin" "$K8S_VERSION" "${k8s_binaries[@]}"
 
 # containerd without the storage drivers that need cgo (overlayfs, the one used, needs none).
 cd_wrapper=$CACHE/build/containerd-$CONTAINERD_VERSION

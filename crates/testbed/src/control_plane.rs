@@ -310,28 +310,9 @@ current-context: testbed
 
     /// `kubectl apply --server-side` of a YAML text (one or more documents).
     pub fn apply_yaml(&self, yaml: &str) -> Result<()> {
-        use std::io::Write;
-        let mut kubectl = self
-            .kubectl()
-            .args(["apply", "--server-side", "--force-conflicts", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kubectl")?;
-        kubectl
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(yaml.as_bytes())?;
-        let out = kubectl.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        let mut kubectl = self.kubectl();
+        kubectl.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]);
+        run_with_input(kubectl, yaml)
     }
 
     /// `kubectl` preconfigured with the admin kubeconfig.
@@ -458,6 +439,31 @@ impl Drop for ControlPlane {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs `command` (a kubectl invocation) with `input` on its stdin; an error with its stderr
+/// when it fails.
+pub(crate) fn run_with_input(mut command: Command, input: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting kubectl")?;
+    child
+        .stdin
+        .take()
+        .context("kubectl's stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Makes the kernel kill the child when the thread that spawned it goes away, so no etcd or

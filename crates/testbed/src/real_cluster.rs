@@ -141,27 +141,9 @@ impl RealCluster {
 
     /// `kubectl apply` of a YAML text (one or more documents), as a user applies a file.
     pub fn apply(&self, yaml: &str) -> Result<()> {
-        let mut kubectl = self
-            .kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kubectl")?;
-        kubectl
-            .stdin
-            .take()
-            .context("kubectl's stdin")?
-            .write_all(yaml.as_bytes())?;
-        let out = kubectl.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl apply: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        let mut kubectl = self.kubectl();
+        kubectl.args(["apply", "-f", "-"]);
+        crate::control_plane::run_with_input(kubectl, yaml)
     }
 
     /// `helm install --wait` of the chart with the locally built images, into `namespace`:
