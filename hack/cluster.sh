@@ -475,7 +475,7 @@ up() {
   [ -f "$images_env" ] || die "no images: run hack/images.sh first"
   # shellcheck disable=SC1090
   source "$images_env"
-  IMAGE_ARCHIVES=("$PAUSE_ARCHIVE" "$OPERATOR_ARCHIVE" "$DISTRO_ARCHIVE")
+  IMAGE_ARCHIVES=("$PAUSE_ARCHIVE" "$OPERATOR_ARCHIVE" "$DISTRO_ARCHIVE" "$DISTRO_ROOT_ARCHIVE")
   command -v runc >/dev/null || die "runc is missing: run hack/install-deps.sh"
 
   mkdir -p "$markers"

@@ -9,6 +9,7 @@
 #   distro     the platform distro `bookworm`: Debian + uWSGI (uwsgi-core, python3 plugin) at
 #              /opt/unbit/uwsgi/uwsgi, the seed's distro checklist
 #   pause      the Pod sandbox: catatonit in pause mode, nothing else
+#   distro-root  what a container on a custom distro starts from: empty mount points only
 #
 # Output: $UWSGI_IT_IMAGES (default ~/.cache/uwsgi-it-operator/images) holds <image>.tar and
 # images.env (NAME_IMAGE=reference, NAME_DIGEST=sha256:...); the references and digests are
@@ -113,6 +114,24 @@ distro_tar=$(rootfs distro-$SUITE --variant=minbase \
 image DISTRO "$REGISTRY/distro-$SUITE:$recipe" --layer "$distro_tar" \
   --cmd '["/opt/unbit/uwsgi/uwsgi","--help"]' \
   --label org.opencontainers.image.title="uwsgi-it platform distro $SUITE"
+
+# --- distro-root: what a container on a custom distro starts from --------------------------
+# Only mount points: the kubelet mounts the distro's top-level directories over it, so nothing
+# of this image runs (see crates/controller/src/workload.rs).
+root_tar=$CACHE/rootfs/distro-root-$recipe.tar
+if [ ! -s "$root_tar" ]; then
+  python3 - "$root_tar" <<'PY'
+import sys, tarfile, os
+epoch = int(os.environ["SOURCE_DATE_EPOCH"])
+with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as tar:
+    for name in ["containers", "dev", "proc", "run", "sys", "tmp"]:
+        d = tarfile.TarInfo(name)
+        d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o1777 if name == "tmp" else 0o755, epoch
+        tar.addfile(d)
+PY
+fi
+image DISTRO_ROOT "$REGISTRY/distro-root:$recipe" --layer "$root_tar" \
+  --label org.opencontainers.image.title="uwsgi-it custom distro root (mount points only)"
 
 # --- operator ------------------------------------------------------------------------------
 base_tar=$(rootfs operator-base --variant=essential \

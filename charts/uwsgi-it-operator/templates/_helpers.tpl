@@ -79,6 +79,9 @@ distros:
 {{- else }}
 distros: {}
 {{- end }}
+{{- if $c.customDistroImage }}
+customDistroImage: {{ $c.customDistroImage | toString | toJson }}
+{{- end }}
 reservedPorts:
 {{- range $c.reservedPorts }}
   - {{ . | toString | toJson }}

@@ -1,19 +1,22 @@
-//! CustomDistros: reports whether each accepted distro's directory exists in its storage
-//! container's `distros/` (and is reached without a symlink). The customer fills that directory
-//! in through the storage container, which the API does not see, so the periodic pass is what
-//! notices a distro appearing.
+//! CustomDistros: the agent makes each accepted distro's tree under the storage container's
+//! root-owned `<homeRoot>/.distros/<uid>/` and reports what it holds (`status.root`, condition
+//! `Available`): the top-level directories a container running on it mounts, and its uWSGI. The
+//! customer fills the tree through the storage container, which the API does not see, so the
+//! periodic pass is what notices a distro becoming usable (or broken).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
+use serde_json::json;
 use tracing::warn;
 use uwsgi_it_api::condition::{self, ACCEPTED, AVAILABLE};
-use uwsgi_it_api::{Container, CustomDistro};
+use uwsgi_it_api::{Container, CustomDistro, DistroRoot};
+use uwsgi_it_domain::distro::EMPEROR_CANDIDATES;
 use uwsgi_it_domain::paths;
 
 use crate::Context;
+use crate::homes::HomeError;
 use crate::reporter::DesiredCondition;
 use crate::scope::{Caches, on_node};
 
@@ -33,13 +36,20 @@ pub(crate) async fn distros_loop(ctx: Arc<Context>) -> anyhow::Result<()> {
             if !accepted {
                 continue;
             }
-            let desired = availability(&ctx, &distro).await;
+            let (desired, root) = availability(&ctx, &distro).await;
+            let current = distro.status.as_ref().and_then(|s| s.root.as_ref());
+            let mut fields = serde_json::Map::new();
+            if let Some(root) = &root {
+                fields.insert("root".into(), json!(root));
+            }
             if let Err(error) = ctx
                 .reporter
-                .conditions(
+                .status(
                     distro.as_ref(),
                     &[AVAILABLE],
                     std::slice::from_ref(&desired),
+                    fields,
+                    current == root.as_ref(),
                 )
                 .await
             {
@@ -49,7 +59,10 @@ pub(crate) async fn distros_loop(ctx: Arc<Context>) -> anyhow::Result<()> {
     }
 }
 
-async fn availability(ctx: &Context, distro: &CustomDistro) -> DesiredCondition {
+async fn availability(
+    ctx: &Context,
+    distro: &CustomDistro,
+) -> (DesiredCondition, Option<DistroRoot>) {
     let namespace = distro.namespace().unwrap_or_default();
     let storage = ctx
         .caches
@@ -57,71 +70,88 @@ async fn availability(ctx: &Context, distro: &CustomDistro) -> DesiredCondition 
         .get(&ObjectRef::<Container>::new(&distro.spec.storage_container).within(&namespace));
     let storage_uid = storage
         .as_deref()
-        .filter(|c| on_node(*c, &ctx.node))
+        .filter(|c| on_node(*c, &ctx.node) && c.spec.custom_distros_storage)
         .and_then(|c| c.status.as_ref()?.uid)
         .and_then(|uid| u32::try_from(uid).ok());
     let Some(uid) = storage_uid else {
-        return DesiredCondition::new(
-            AVAILABLE,
-            false,
-            "Missing",
-            format!(
-                "storage container {} has no home on this node",
-                distro.spec.storage_container
-            ),
+        let why = format!(
+            "storage container {} has no home on this node",
+            distro.spec.storage_container
+        );
+        return (
+            DesiredCondition::new(AVAILABLE, false, "Missing", why),
+            None,
         );
     };
-    let expected = match paths::custom_distro_dir(ctx.homes.root(), uid, &distro.spec.path) {
-        Ok(path) => path,
-        Err(error) => {
-            return DesiredCondition::new(AVAILABLE, false, "InvalidPath", error.to_string());
-        }
-    };
+    if let Err(error) = paths::custom_distro_dir(ctx.homes.root(), uid, &distro.spec.path) {
+        let condition = DesiredCondition::new(AVAILABLE, false, "InvalidPath", error.to_string());
+        return (condition, None);
+    }
     let homes = ctx.homes.clone();
     let name = distro.spec.path.clone();
-    let checked = tokio::task::spawn_blocking(move || homes.custom_distro_available(uid, &name))
+    let surveyed = tokio::task::spawn_blocking(move || homes.ensure_distro_tree(uid, &name))
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    match checked {
-        Ok(true) => DesiredCondition::new(
-            AVAILABLE,
-            true,
-            "Available",
-            format!("{} exists", expected.display()),
-        ),
-        Ok(false) => match first_symlink(ctx.homes.root(), &expected) {
-            Some(link) => DesiredCondition::new(
-                AVAILABLE,
-                false,
-                "Symlink",
-                format!("{} is a symbolic link; refusing it", link.display()),
-            ),
-            None => DesiredCondition::new(
-                AVAILABLE,
-                false,
-                "Missing",
+        .map_err(|e| e.to_string());
+    // Where the customer sees the tree: its home is /containers/<uid> inside its Pod.
+    let seen_as = format!(
+        "/containers/{uid}/distros/{} in storage container {}",
+        distro.spec.path, distro.spec.storage_container
+    );
+    let refused = |reason: &str, message: String| {
+        (
+            DesiredCondition::new(AVAILABLE, false, reason, message),
+            None,
+        )
+    };
+    match surveyed {
+        Ok(Ok(survey)) => match survey.emperor {
+            Some(emperor) => {
+                let mut message = format!(
+                    "{}: {} top-level directories ({}), uWSGI at {emperor}",
+                    survey.tree.display(),
+                    survey.directories.len(),
+                    survey.directories.join(", ")
+                );
+                if !survey.skipped.is_empty() {
+                    message.push_str(&format!("; not mounted: {}", survey.skipped.join(", ")));
+                }
+                (
+                    DesiredCondition::new(AVAILABLE, true, "Available", message),
+                    Some(DistroRoot {
+                        directories: survey.directories,
+                        emperor,
+                    }),
+                )
+            }
+            None if survey.directories.is_empty() => refused(
+                "Empty",
                 format!(
-                    "{} does not exist or is not a directory",
-                    expected.display()
+                    "{} is empty: fill it with a root filesystem from {seen_as}",
+                    survey.tree.display()
                 ),
             ),
+            None => {
+                let mut message = format!(
+                    "{} has no uWSGI: none of {} is an executable file (for all users) inside it; install one from {seen_as}",
+                    survey.tree.display(),
+                    EMPEROR_CANDIDATES.join(", ")
+                );
+                if !survey.skipped.is_empty() {
+                    message.push_str(&format!("; not mounted: {}", survey.skipped.join(", ")));
+                }
+                refused("NoUwsgi", message)
+            }
         },
-        Err(error) => DesiredCondition::new(AVAILABLE, false, "CheckFailed", error),
-    }
-}
-
-/// The first symlink on the way from `root` to `path`, to say why a distro was refused. Only a
-/// diagnosis for the message: the decision itself was made without following any link.
-fn first_symlink(root: &Path, path: &Path) -> Option<PathBuf> {
-    let relative = path.strip_prefix(root).ok()?;
-    let mut current = root.to_owned();
-    for component in relative.components() {
-        current.push(component);
-        let metadata = std::fs::symlink_metadata(&current).ok()?;
-        if metadata.file_type().is_symlink() {
-            return Some(current);
+        Ok(Err(error)) => {
+            let reason = match &error {
+                HomeError::Symlink { .. } => "Symlink",
+                HomeError::NotADirectory { .. } => "NotADirectory",
+                HomeError::NotOwned { .. } => "NotOwned",
+                HomeError::NotFound { .. } => "Missing",
+                _ => "CheckFailed",
+            };
+            refused(reason, error.to_string())
         }
+        Err(error) => refused("CheckFailed", error),
     }
-    None
 }

@@ -204,6 +204,7 @@ fn home_error_reason(error: &HomeError) -> &'static str {
         HomeError::InvalidSshKey { .. } => "InvalidSshKey",
         HomeError::MountPoint { .. } => "MountPointRefused",
         HomeError::ArchiveExists { .. } => "ArchiveExists",
+        HomeError::NotOwned { .. } => "NotOwned",
         HomeError::NotFound { .. } | HomeError::NotEmpty { .. } | HomeError::Io { .. } => {
             "HomeFailed"
         }

@@ -1,5 +1,6 @@
 //! Container homes on the host file system: `<homeRoot>/<uid>`, its `.ssh/authorized_keys`, a
-//! storage container's `distros/`, storage use, and archiving or deleting a home.
+//! storage container's distro trees (`<homeRoot>/.distros/<uid>/<path>`, seen by the storage
+//! container at `<home>/distros`), storage use, and archiving or deleting a home.
 //!
 //! Paths come from `uwsgi_it_domain::paths`, which only builds them from validated numbers and
 //! names. That keeps the *names* under `homeRoot`; it cannot stop a symlink planted on the disk.
@@ -24,10 +25,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{
-    AtFlags, CWD, Dir, FileType, Gid, Mode, OFlags, RenameFlags, Stat, Uid, fchmod, fchown, fstat,
-    fsync, mkdirat, openat, renameat, renameat_with, statat, unlinkat,
+    AtFlags, CWD, Dir, FileType, Gid, Mode, OFlags, RenameFlags, ResolveFlags, Stat, Uid, fchmod,
+    fchown, fstat, fsync, mkdirat, openat, openat2, renameat, renameat_with, statat, unlinkat,
 };
 use rustix::io::Errno;
+use uwsgi_it_domain::distro::{EMPEROR_CANDIDATES, MAX_ROOT_DIRECTORIES, is_root_directory_name};
 use uwsgi_it_domain::paths::{self, PathError};
 
 /// Mode of `homeRoot` when the agent creates it: others may traverse to their own home (the
@@ -39,9 +41,15 @@ pub const HOME_MODE: u32 = 0o700;
 pub const SSH_DIR_MODE: u32 = 0o700;
 /// Mode of `authorized_keys`.
 pub const AUTHORIZED_KEYS_MODE: u32 = 0o600;
-/// Mode of a storage container's `distros/`: world-readable so that the runtime can mount a
-/// custom distro read-only into another container of the customer.
-pub const DISTROS_MODE: u32 = 0o755;
+/// Mode of `<homeRoot>/.distros` (root's): traversed by the runtime, listed by nobody else.
+pub const DISTRO_TREES_MODE: u32 = 0o711;
+/// Mode of `<homeRoot>/.distros/<uid>` (root's): the storage container lists its trees there but
+/// cannot create, rename or replace one, so no PersistentVolume path has a component it owns
+/// except the tree itself.
+pub const STORAGE_DISTROS_MODE: u32 = 0o755;
+/// Mode of a distro tree when the agent creates it (the storage container's uid owns it):
+/// readable and traversable by the customer's other containers, which run as other uids.
+pub const DISTRO_TREE_MODE: u32 = 0o755;
 /// Mode of `<homeRoot>/.archive`: archived homes keep customer data, readable by root only.
 pub const ARCHIVE_MODE: u32 = 0o700;
 /// uwsgi.it's home layout: `vassals/` is what the Emperor watches, the others are where a
@@ -91,6 +99,12 @@ pub enum HomeError {
     NotARegularFile { path: PathBuf, found: &'static str },
     #[error("{}: does not exist", .path.display())]
     NotFound { path: PathBuf },
+    #[error("{}: is owned by uid {found}, not by the storage container's uid {expected}", .path.display())]
+    NotOwned {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error(
         "{}: is on another file system (a mount point inside the home); refusing to delete across it",
         .path.display()
@@ -309,7 +323,11 @@ impl Homes {
 
         let mut unexpected_distros = None;
         if spec.storage_container {
-            ensure_dir(home_fd.as_fd(), &distros, DISTROS_MODE, owner, &mut changes)?;
+            // The trees' root-owned parent first: the storage container's Pod mounts it.
+            self.ensure_storage_distros(root_fd.as_fd(), uid, &mut changes)?;
+            // Only the mount point of that parent: whatever the customer puts at this name is
+            // its own business and affects only its own Pod's view.
+            create_if_missing(home_fd.as_fd(), &distros, uid, &mut changes)?;
         } else {
             match statat(
                 home_fd.as_fd(),
@@ -447,6 +465,9 @@ impl Homes {
         let Some(home_fd) = open_dir(root_fd.as_fd(), &home)? else {
             return Ok(ArchiveOutcome::AlreadyGone);
         };
+        // A storage container's trees go the same way as its home, first: an interrupted
+        // release is retried while the home is still there to say so.
+        self.release_distro_trees(root_fd.as_fd(), uid, retention, now_unix)?;
         match retention {
             Retention::Retain => Ok(ArchiveOutcome::Retained { home }),
             Retention::Archive => {
@@ -485,29 +506,121 @@ impl Homes {
         }
     }
 
-    /// True when `<homeRoot>/<storage_uid>/distros/<path_name>` is a directory reached without
-    /// any symlink. Only a snapshot: the storage container's customer can change it afterwards.
-    pub fn custom_distro_available(
+    /// Applies `retention` to `<homeRoot>/.distros/<uid>` when it exists: moved next to the
+    /// archived home as `<uid>-<time>.distros`, removed, or left.
+    fn release_distro_trees(
+        &self,
+        root_fd: BorrowedFd<'_>,
+        uid: u32,
+        retention: Retention,
+        now_unix: u64,
+    ) -> Result<(), HomeError> {
+        let trees = paths::distro_trees_dir(&self.root)?;
+        let storage = paths::storage_distros_dir(&self.root, uid)?;
+        let Some(trees_fd) = open_dir(root_fd, &trees)? else {
+            return Ok(());
+        };
+        let Some(storage_fd) = open_dir(trees_fd.as_fd(), &storage)? else {
+            return Ok(());
+        };
+        match retention {
+            Retention::Retain => Ok(()),
+            Retention::Archive => {
+                drop(storage_fd);
+                let archive_dir = paths::archive_dir(&self.root)?;
+                let destination = paths::archive_distros_path(&self.root, uid, now_unix)?;
+                let archive_fd =
+                    ensure_dir(root_fd, &archive_dir, ARCHIVE_MODE, None, &mut Vec::new())?;
+                match rename_no_replace(
+                    trees_fd.as_fd(),
+                    file_name(&storage),
+                    archive_fd.as_fd(),
+                    file_name(&destination),
+                ) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(Errno::EXIST | Errno::NOTEMPTY) => {
+                        return Err(HomeError::ArchiveExists { path: destination });
+                    }
+                    Err(errno) => {
+                        return Err(HomeError::io(&storage, "rename into archive", errno));
+                    }
+                }
+                fsync(&archive_fd).map_err(|e| HomeError::io(&archive_dir, "fsync", e))?;
+                fsync(&trees_fd).map_err(|e| HomeError::io(&trees, "fsync", e))
+            }
+            Retention::Delete => remove_tree(trees_fd.as_fd(), storage_fd, &storage),
+        }
+    }
+
+    /// `<homeRoot>/.distros` and `<homeRoot>/.distros/<uid>`, root-owned, with their modes.
+    fn ensure_storage_distros(
+        &self,
+        root_fd: BorrowedFd<'_>,
+        uid: u32,
+        changes: &mut Vec<HomeChange>,
+    ) -> Result<OwnedFd, HomeError> {
+        let trees = paths::distro_trees_dir(&self.root)?;
+        let storage = paths::storage_distros_dir(&self.root, uid)?;
+        let trees_fd = ensure_dir(root_fd, &trees, DISTRO_TREES_MODE, Some((0, 0)), changes)?;
+        ensure_dir(
+            trees_fd.as_fd(),
+            &storage,
+            STORAGE_DISTROS_MODE,
+            Some((0, 0)),
+            changes,
+        )
+    }
+
+    /// Makes the tree `<homeRoot>/.distros/<storage_uid>/<path_name>` (owned by the storage
+    /// container's uid, created when missing, otherwise left as the customer made it) and looks
+    /// at what it holds, never leaving the tree: see [`survey_tree`].
+    pub fn ensure_distro_tree(
         &self,
         storage_uid: u32,
         path_name: &str,
-    ) -> Result<bool, HomeError> {
-        let distro = paths::custom_distro_dir(&self.root, storage_uid, path_name)?;
-        let Some(mut fd) = self.open_root(false, &mut Vec::new())? else {
-            return Ok(false);
+    ) -> Result<DistroSurvey, HomeError> {
+        let tree = paths::custom_distro_dir(&self.root, storage_uid, path_name)?;
+        let root_fd =
+            self.open_root(false, &mut Vec::new())?
+                .ok_or_else(|| HomeError::NotFound {
+                    path: self.root.clone(),
+                })?;
+        let mut changes = Vec::new();
+        let parent = self.ensure_storage_distros(root_fd.as_fd(), storage_uid, &mut changes)?;
+        let created = match mkdirat(
+            parent.as_fd(),
+            file_name(&tree),
+            Mode::from_raw_mode(DISTRO_TREE_MODE),
+        ) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(errno) => return Err(HomeError::io(&tree, "create directory", errno)),
         };
-        let mut path = self.root.clone();
-        for component in relative_components(&self.root, &distro) {
-            path.push(component);
-            match open_dir(fd.as_fd(), &path) {
-                Ok(Some(next)) => fd = next,
-                Ok(None)
-                | Err(HomeError::Symlink { .. })
-                | Err(HomeError::NotADirectory { .. }) => return Ok(false),
-                Err(error) => return Err(error),
-            }
+        let tree_fd = open_dir(parent.as_fd(), &tree)?
+            .ok_or_else(|| HomeError::NotFound { path: tree.clone() })?;
+        if created {
+            // Only root can write the parent, so the name cannot have been swapped since the
+            // mkdir; the descriptor is used all the same.
+            fchown(
+                &tree_fd,
+                Some(Uid::from_raw(storage_uid)),
+                Some(Gid::from_raw(storage_uid)),
+            )
+            .map_err(|e| HomeError::io(&tree, "chown", e))?;
+            fchmod(&tree_fd, Mode::from_raw_mode(DISTRO_TREE_MODE))
+                .map_err(|e| HomeError::io(&tree, "chmod", e))?;
         }
-        Ok(true)
+        let stat = fstat(&tree_fd).map_err(|e| HomeError::io(&tree, "stat", e))?;
+        if stat.st_uid != storage_uid {
+            return Err(HomeError::NotOwned {
+                path: tree,
+                found: stat.st_uid,
+                expected: storage_uid,
+            });
+        }
+        let mut survey = survey_tree(tree_fd.as_fd(), &tree)?;
+        survey.created = created;
+        Ok(survey)
     }
 
     /// Opens `homeRoot` without following a symlink in its last component, creating it (and,
@@ -540,6 +653,104 @@ impl Homes {
         }
         ensure_dir(parent_fd.as_fd(), &self.root, HOME_ROOT_MODE, None, changes).map(Some)
     }
+}
+
+/// What a distro tree holds, as a container running on it would see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DistroSurvey {
+    /// The tree on the host.
+    pub tree: PathBuf,
+    /// Whether the agent created the (empty) tree just now.
+    pub created: bool,
+    /// Top-level directories (or relative links to directories within the tree) a container
+    /// mounts, sorted; see `uwsgi_it_domain::distro::is_root_directory_name`.
+    pub directories: Vec<String>,
+    /// Top-level entries left out, each with why (a link out of the tree, say).
+    pub skipped: Vec<String>,
+    /// The first of `EMPEROR_CANDIDATES` that is an executable file (for all users) in the
+    /// tree, resolved as inside the container: links are followed, but never out of the tree.
+    pub emperor: Option<String>,
+}
+
+/// Looks at a distro tree through its descriptor. The top level is read entry by entry without
+/// following links; a top-level link counts only when it resolves *beneath* the tree
+/// (`RESOLVE_BENEATH`: no absolute target, no `..` out of it), as the kubelet will require of the
+/// subPath. The Emperor is looked for with `RESOLVE_IN_ROOT`: absolute links inside the distro
+/// (`/usr/bin/uwsgi -> /etc/alternatives/uwsgi`) resolve against the tree, as they will inside
+/// the container, and nothing resolves to a path outside it.
+fn survey_tree(tree_fd: BorrowedFd<'_>, tree: &Path) -> Result<DistroSurvey, HomeError> {
+    let mut survey = DistroSurvey {
+        tree: tree.to_owned(),
+        ..DistroSurvey::default()
+    };
+    for name in list_names(tree_fd, tree)? {
+        let Some(text) = name.to_str() else {
+            continue;
+        };
+        if !is_root_directory_name(text) {
+            continue;
+        }
+        let stat = match statat(tree_fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => continue,
+            Err(errno) => return Err(HomeError::io(&tree.join(&name), "stat", errno)),
+        };
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => survey.directories.push(text.to_owned()),
+            FileType::Symlink => {
+                let beneath = openat2(
+                    tree_fd,
+                    name.as_os_str(),
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+                );
+                match beneath {
+                    Ok(_) => survey.directories.push(text.to_owned()),
+                    Err(_) => survey.skipped.push(format!(
+                        "/{text} (a link that leaves the tree or is broken)"
+                    )),
+                }
+            }
+            _ => {}
+        }
+    }
+    survey.directories.sort();
+    if survey.directories.len() > MAX_ROOT_DIRECTORIES {
+        for extra in survey.directories.split_off(MAX_ROOT_DIRECTORIES) {
+            survey.skipped.push(format!(
+                "/{extra} (more than {MAX_ROOT_DIRECTORIES} top-level directories)"
+            ));
+        }
+    }
+    survey.emperor = EMPEROR_CANDIDATES
+        .iter()
+        .find(|candidate| {
+            let relative = candidate.trim_start_matches('/');
+            let top = relative.split('/').next().unwrap_or_default();
+            survey.directories.iter().any(|d| d == top) && executable_in_tree(tree_fd, relative)
+        })
+        .map(|candidate| (*candidate).to_owned());
+    Ok(survey)
+}
+
+/// Whether `relative` names, inside the tree, a regular file every user may execute (the
+/// containers on a distro run as uids other than its owner's).
+fn executable_in_tree(tree_fd: BorrowedFd<'_>, relative: &str) -> bool {
+    let opened = openat2(
+        tree_fd,
+        relative,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    );
+    opened
+        .ok()
+        .and_then(|fd| fstat(&fd).ok())
+        .is_some_and(|stat| {
+            FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile
+                && stat.st_mode & 0o001 != 0
+        })
 }
 
 /// The content of `authorized_keys`: one key a line.
@@ -955,14 +1166,6 @@ fn file_name(path: &Path) -> &OsStr {
     path.file_name().unwrap_or(path.as_os_str())
 }
 
-/// The components of `path` below `root`; `path` comes from `uwsgi_it_domain::paths`, so it is
-/// `root` followed by normal components only.
-fn relative_components<'a>(root: &Path, path: &'a Path) -> Vec<&'a OsStr> {
-    path.strip_prefix(root)
-        .map(|rest| rest.iter().collect())
-        .unwrap_or_default()
-}
-
 fn kind_name(kind: FileType) -> &'static str {
     match kind {
         FileType::RegularFile => "regular file",
@@ -1039,20 +1242,6 @@ mod tests {
             assert!(matches!(error, HomeError::InvalidSshKey { index: 1 }));
             assert!(error.to_string().starts_with("sshKeys[1]:"), "{error}");
         }
-    }
-
-    #[test]
-    fn relative_components_of_a_distro_path() {
-        let root = Path::new("/containers");
-        let path = paths::custom_distro_dir(root, 30001, "deb").unwrap();
-        assert_eq!(
-            relative_components(root, &path),
-            [
-                OsStr::new("30001"),
-                OsStr::new("distros"),
-                OsStr::new("deb")
-            ]
-        );
     }
 
     #[test]

@@ -104,12 +104,30 @@ impl Reporter {
     where
         K: NodeObject + DeserializeOwned,
     {
+        self.status(object, owned_types, desired, serde_json::Map::new(), true)
+            .await
+    }
+
+    /// Like [`Reporter::conditions`], with more status `fields` the agent owns. `fields_unchanged`
+    /// says whether the object already shows them; a field the agent wrote before and leaves
+    /// out now is removed (server-side apply: it is the agent's alone).
+    pub async fn status<K>(
+        &self,
+        object: &K,
+        owned_types: &[&str],
+        desired: &[DesiredCondition],
+        fields: serde_json::Map<String, serde_json::Value>,
+        fields_unchanged: bool,
+    ) -> Result<bool, kube::Error>
+    where
+        K: NodeObject + DeserializeOwned,
+    {
         let current = object.conditions();
         let generation = object.meta().generation;
         let unchanged = desired.iter().all(|want| {
             condition::find(current, want.type_).is_some_and(|c| want.matches(c, generation))
         });
-        if unchanged {
+        if unchanged && fields_unchanged {
             return Ok(false);
         }
         let mut conditions: Vec<Condition> = desired
@@ -124,11 +142,13 @@ impl Reporter {
                 .filter(|c| desired.iter().all(|want| want.type_ != c.type_))
                 .cloned(),
         );
+        let mut status = fields;
+        status.insert("conditions".into(), json!(conditions));
         let body = json!({
             "apiVersion": K::api_version(&()),
             "kind": K::kind(&()),
             "metadata": {"name": object.name_any()},
-            "status": {"conditions": conditions},
+            "status": status,
         });
         let api: Api<K> =
             Api::namespaced(self.client.clone(), &object.namespace().unwrap_or_default());

@@ -68,19 +68,22 @@ pub struct ContainerSpec {
     pub storage: i64,
 
     /// Platform distribution to run, by name from the operator's distro table. Without a
-    /// distro (and without a customDistro) the container has a home but no workload.
+    /// distro and without a customDistro the container has a home but no workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub distro: Option<String>,
 
-    /// Name of a CustomDistro in the same namespace whose root filesystem is mounted read-only
-    /// at /distro. It must live on the same server. Not allowed for storage containers.
+    /// Name of a CustomDistro in the same namespace to run on: the distro is the container's
+    /// root filesystem (its uWSGI, its /etc; read-only except directories the customer made
+    /// world-writable) and distro is then not used. It must live on the same server. Not
+    /// allowed for storage containers. Changing it restarts the container on the new root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub custom_distro: Option<String>,
 
-    /// When true this is a storage container: its home gets a distros/ directory holding the
-    /// customer's custom distributions, and it cannot itself use a customDistro.
+    /// When true this is a storage container: it sees the customer's custom distributions at
+    /// <home>/distros (one directory per CustomDistro naming it, created by the agent) and fills
+    /// them; it cannot itself use a customDistro.
     #[serde(default)]
     pub custom_distros_storage: bool,
 

@@ -18,7 +18,7 @@ pub mod server;
 pub mod well_known;
 
 pub use container::{Container, ContainerSpec, ContainerStatus, Reservation};
-pub use custom_distro::{CustomDistro, CustomDistroSpec, CustomDistroStatus};
+pub use custom_distro::{CustomDistro, CustomDistroSpec, CustomDistroStatus, DistroRoot};
 pub use customer::{Customer, CustomerSpec, CustomerStatus, ResourceUsage, ServerUsage};
 pub use port_mapping::{PortMapping, PortMappingSpec, PortMappingStatus, Protocol};
 pub use server::{Capacity, LedgerEntry, Server, ServerSpec, ServerStatus};

@@ -6,28 +6,30 @@
 //! stops the Pod, waits for the agent to release the home, commits the release to the ledger
 //! and only then lets the container go.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
-use uwsgi_it_api::Container;
 use uwsgi_it_api::condition::HasConditions;
-use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
+use uwsgi_it_api::condition::{self, AVAILABLE, HOME_READY, RUNNING};
 use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, FORCE_RELEASE_ANNOTATION};
-use uwsgi_it_domain::distro::check_custom_distro;
+use uwsgi_it_api::{Container, CustomDistro};
+use uwsgi_it_domain::distro::{RootRefusal, RunnableRoot, check_custom_distro, runnable_root};
 
 use crate::Error;
 use crate::admission::{AdmissionRecord, refuse_unplaced, release};
 use crate::context::Context;
 use crate::facts::{container_facts, distro_facts};
 use crate::status::{Desired, WORKLOAD_MANAGER, apply_status};
-use crate::workload::{SPEC_HASH_ANNOTATION, WorkloadInput, build};
+use crate::workload::{CONTAINER_LABEL, Root, SPEC_HASH_ANNOTATION, WorkloadInput, build};
 
 /// Reason the agent gives on `HomeReady=False` once it has archived, retained or deleted the
 /// home of a container being deleted; the finalizer is released on it.
@@ -114,11 +116,8 @@ async fn reconcile_workload(
     ctx: &Context,
 ) -> Result<Duration, Error> {
     let namespace = container.namespace().unwrap_or_default();
-    let distros: Vec<_> = ctx
-        .distros_in(&namespace)
-        .iter()
-        .map(|d| distro_facts(d))
-        .collect();
+    let distro_objects = ctx.distros_in(&namespace);
+    let distros: Vec<_> = distro_objects.iter().map(|d| distro_facts(d)).collect();
     // The namespace's containers matter only to custom distros: without any, skip the O(N) scan.
     let facts: Vec<_> = if distros.is_empty() {
         Vec::new()
@@ -138,6 +137,7 @@ async fn reconcile_workload(
     // A container that has no distro and shows no trace of a workload (no Running condition, no
     // address: both are written whenever a Pod is created or seen) has no Pod to look up.
     let never_ran = container.spec.distro.is_none()
+        && container.spec.custom_distro.is_none()
         && container
             .status
             .as_ref()
@@ -147,7 +147,36 @@ async fn reconcile_workload(
     } else {
         pods.get_opt(&container.name_any()).await?
     };
-    let status = match plan_workload(container, record, ctx, &me, &distros, &facts) {
+    let plan = plan_workload(
+        container,
+        record,
+        ctx,
+        &me,
+        &distro_objects,
+        &distros,
+        &facts,
+    );
+    let status = match plan {
+        // Nothing running is lost for a distro the customer is refilling or broke: a Pod that
+        // is what it should be keeps its mounts (made from what was there when it started) and
+        // goes on; only a new Pod waits for a usable tree. A Pod that needs a restart anyway
+        // (a memory change, another distro) is stopped: its old limits must not outlive the
+        // reservation.
+        Err(why)
+            if why.pod_hash.is_some()
+                && existing
+                    .as_ref()
+                    .and_then(|p| p.annotations().get(SPEC_HASH_ANNOTATION))
+                    == why.pod_hash.as_ref() =>
+        {
+            let pod = existing.as_ref().expect("checked above");
+            let mut status = pod_status(pod, usable);
+            if let Some(running) = status.running.as_mut() {
+                running.message =
+                    format!("{}; a new Pod would wait: {}", running.message, why.message);
+            }
+            status
+        }
         Err(why) => {
             if let Some(pod) = &existing {
                 stop_pod(ctx, container, pod, &why.message).await?;
@@ -159,17 +188,19 @@ async fn reconcile_workload(
             }
         }
         Ok(workload) => {
-            if existing.is_none()
-                && let Some((waiting, poll)) =
+            if existing.is_none() {
+                if let Some((waiting, poll)) =
                     bind_volumes(ctx, &namespace, &workload.volumes).await?
-            {
-                let status = WorkloadStatus {
-                    running: Some(Desired::no(RUNNING, "WaitingForVolume", waiting)),
-                    ip: None,
-                    usable,
-                };
-                write_workload_status(container, ctx, status).await?;
-                return Ok(poll);
+                {
+                    let status = WorkloadStatus {
+                        running: Some(Desired::no(RUNNING, "WaitingForVolume", waiting)),
+                        ip: None,
+                        usable,
+                    };
+                    write_workload_status(container, ctx, status).await?;
+                    return Ok(poll);
+                }
+                delete_stale_volumes(ctx, container, &workload.volumes).await?;
             }
             let wanted = workload
                 .pod
@@ -357,6 +388,21 @@ struct NoWorkload {
     /// Whether this is worth a `Running=False` condition (a container without a distro has
     /// no workload by design and gets no Running condition at all).
     report: bool,
+    /// Set when only the custom distro's tree is not usable *now*: the spec hash of the Pod that
+    /// would run (it does not depend on the tree's contents), so that a Pod already running as
+    /// it should may go on.
+    pod_hash: Option<String>,
+}
+
+impl NoWorkload {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        NoWorkload {
+            reason,
+            message: message.into(),
+            report: true,
+            pod_hash: None,
+        }
+    }
 }
 
 impl NoWorkload {
@@ -371,120 +417,209 @@ fn plan_workload(
     record: &AdmissionRecord,
     ctx: &Context,
     me: &uwsgi_it_domain::distro::ContainerFacts,
+    distro_objects: &[Arc<CustomDistro>],
     distros: &[uwsgi_it_domain::distro::DistroFacts],
     facts: &[uwsgi_it_domain::distro::ContainerFacts],
 ) -> Result<crate::workload::Workload, NoWorkload> {
-    let Some(distro) = container.spec.distro.as_deref() else {
+    let custom_name = container.spec.custom_distro.as_deref();
+    let platform = container.spec.distro.as_deref();
+    if custom_name.is_none() && platform.is_none() {
         return Err(NoWorkload {
-            reason: "NoDistro",
-            message: "no distro: the container has a home but no workload".into(),
             report: false,
+            ..NoWorkload::new(
+                "NoDistro",
+                "no distro: the container has a home but no workload",
+            )
         });
-    };
+    }
     let (Some(uid), Some(server), true) =
         (record.uid, record.server.as_deref(), record.is_admitted())
     else {
-        return Err(NoWorkload {
-            reason: "NotAdmitted",
-            message: "waiting for admission".into(),
-            report: true,
-        });
+        return Err(NoWorkload::new("NotAdmitted", "waiting for admission"));
     };
-    let Some(image) = ctx.config.distros.get(distro) else {
-        return Err(NoWorkload {
-            reason: "UnknownDistro",
-            message: format!(
-                "distro {distro} is not in the operator's distro table (known: {})",
-                ctx.config
-                    .distros
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            report: true,
-        });
-    };
-    let conditions = container.conditions();
-    if !condition::is_true(conditions, HOME_READY) {
-        return Err(NoWorkload {
-            reason: "WaitingForHome",
-            message: format!("waiting for the agent on server {server} to prepare the home"),
-            report: true,
-        });
-    }
-    let custom = match check_custom_distro(me, distros, facts) {
-        Ok(custom) => custom,
-        Err(refusal) => {
-            return Err(NoWorkload {
-                reason: refusal.reason(),
-                message: refusal.to_string(),
-                report: true,
-            });
-        }
-    };
-    let uid = u32::try_from(uid).map_err(|_| NoWorkload {
-        reason: "InvalidUid",
-        message: format!("uid {uid} is out of range"),
-        report: true,
-    })?;
-    let home =
-        uwsgi_it_domain::paths::home_dir(&ctx.config.home_root, uid).map_err(|e| NoWorkload {
-            reason: "InvalidHome",
-            message: e.to_string(),
-            report: true,
-        })?;
-    let distro_dir = match (&custom, &container.spec.custom_distro) {
-        (Some(accepted), Some(name)) => {
-            let storage_uid = ctx
-                .containers
-                .get(
-                    &kube::runtime::reflector::ObjectRef::new(&accepted.storage_container)
-                        .within(&container.namespace().unwrap_or_default()),
-                )
-                .and_then(|c| AdmissionRecord::cached(&c).uid)
-                .and_then(|u| u32::try_from(u).ok());
-            let path = distros
-                .iter()
-                .find(|d| d.name == *name)
-                .map(|d| d.path.clone());
-            match (storage_uid, path) {
-                (Some(storage_uid), Some(path)) => Some(
-                    uwsgi_it_domain::paths::custom_distro_dir(
-                        &ctx.config.home_root,
-                        storage_uid,
-                        &path,
-                    )
-                    .map_err(|e| NoWorkload {
-                        reason: "InvalidCustomDistroPath",
-                        message: e.to_string(),
-                        report: true,
-                    })?,
+    let image = match (custom_name, platform) {
+        (Some(_), _) => ctx.config.custom_distro_image.as_deref().ok_or_else(|| {
+            NoWorkload::new(
+                "NoCustomDistroImage",
+                "the operator has no customDistroImage configured, so containers cannot run on custom distros",
+            )
+        })?,
+        (None, Some(distro)) => ctx.config.distros.get(distro).ok_or_else(|| {
+            NoWorkload::new(
+                "UnknownDistro",
+                format!(
+                    "distro {distro} is not in the operator's distro table (known: {})",
+                    ctx.config
+                        .distros
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-                _ => {
-                    return Err(NoWorkload {
-                        reason: "CustomDistroNotReady",
-                        message: format!("custom distro {name} has no storage uid yet"),
-                        report: true,
-                    });
-                }
-            }
-        }
-        _ => None,
+            )
+        })?,
+        (None, None) => unreachable!("checked above"),
+    };
+    if !condition::is_true(container.conditions(), HOME_READY) {
+        return Err(NoWorkload::new(
+            "WaitingForHome",
+            format!("waiting for the agent on server {server} to prepare the home"),
+        ));
+    }
+    let accepted = check_custom_distro(me, distros, facts)
+        .map_err(|refusal| NoWorkload::new(refusal.reason(), refusal.to_string()))?;
+    let uid = u32::try_from(uid)
+        .map_err(|_| NoWorkload::new("InvalidUid", format!("uid {uid} is out of range")))?;
+    let home_root = &ctx.config.home_root;
+    let home = uwsgi_it_domain::paths::home_dir(home_root, uid)
+        .map_err(|e| NoWorkload::new("InvalidHome", e.to_string()))?;
+    let distro_trees = if container.spec.custom_distros_storage {
+        Some(
+            uwsgi_it_domain::paths::storage_distros_dir(home_root, uid)
+                .map_err(|e| NoWorkload::new("InvalidHome", e.to_string()))?,
+        )
+    } else {
+        None
     };
     let memory_mb = record
         .reserved
         .as_ref()
         .map_or(container.spec.memory, |r| r.memory);
-    Ok(build(&WorkloadInput {
-        container,
-        uid,
-        memory_mb,
-        server,
-        image,
-        home: &home,
-        custom_distro: distro_dir.as_deref(),
-    }))
+    let build_on = |root: Root<'_>| {
+        build(&WorkloadInput {
+            container,
+            uid,
+            memory_mb,
+            server,
+            image,
+            home: &home,
+            root,
+            distro_trees: distro_trees.as_deref(),
+        })
+    };
+    let (Some(accepted), Some(name)) = (accepted, custom_name) else {
+        return Ok(build_on(Root::Image));
+    };
+    let (tree, root) = custom_root(container, ctx, distro_objects, &accepted, name)?;
+    match root {
+        Ok(root) => Ok(build_on(Root::CustomDistro {
+            tree: &tree,
+            root: &root,
+        })),
+        Err(mut why) => {
+            let placeholder = RunnableRoot {
+                directories: Vec::new(),
+                emperor: String::new(),
+            };
+            let would_be = build_on(Root::CustomDistro {
+                tree: &tree,
+                root: &placeholder,
+            });
+            why.pod_hash = would_be
+                .pod
+                .annotations()
+                .get(SPEC_HASH_ANNOTATION)
+                .cloned();
+            Err(why)
+        }
+    }
+}
+
+/// The tree of the custom distro `name` on the server and what the agent found in it, checked.
+fn custom_root(
+    container: &Container,
+    ctx: &Context,
+    distro_objects: &[Arc<CustomDistro>],
+    accepted: &uwsgi_it_domain::distro::AcceptedDistro,
+    name: &str,
+) -> Result<(PathBuf, Result<RunnableRoot, NoWorkload>), NoWorkload> {
+    let namespace = container.namespace().unwrap_or_default();
+    let storage_uid = ctx
+        .containers
+        .get(&ObjectRef::new(&accepted.storage_container).within(&namespace))
+        .and_then(|c| AdmissionRecord::cached(&c).uid)
+        .and_then(|u| u32::try_from(u).ok());
+    let distro = distro_objects.iter().find(|d| d.name_any() == name);
+    let (Some(storage_uid), Some(distro)) = (storage_uid, distro) else {
+        return Err(NoWorkload::new(
+            "CustomDistroNotReady",
+            format!("custom distro {name} has no storage uid yet"),
+        ));
+    };
+    let tree = uwsgi_it_domain::paths::custom_distro_dir(
+        &ctx.config.home_root,
+        storage_uid,
+        &distro.spec.path,
+    )
+    .map_err(|e| NoWorkload::new("InvalidCustomDistroPath", e.to_string()))?;
+    let status = distro.status.as_ref();
+    let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let unavailable = |why: String| {
+        NoWorkload::new(
+            "CustomDistroUnavailable",
+            RootRefusal::NotAvailable {
+                distro: name.to_owned(),
+                why,
+            }
+            .to_string(),
+        )
+    };
+    let surveyed = status.and_then(|s| s.root.as_ref());
+    let root = match (condition::find(conditions, AVAILABLE), surveyed) {
+        (Some(available), Some(root)) if available.status == "True" => {
+            runnable_root(name, &root.directories, &root.emperor)
+                .map_err(|refusal| NoWorkload::new("CustomDistroUnusable", refusal.to_string()))
+        }
+        (Some(available), _) => Err(unavailable(format!(
+            "{} ({})",
+            available.message, available.reason
+        ))),
+        (None, _) => Err(unavailable(format!(
+            "the agent on server {} has not looked at it yet",
+            accepted.server
+        ))),
+    };
+    Ok((tree, root))
+}
+
+/// Deletes the container's claims (and their volumes) that its workload no longer uses: the
+/// volume of a custom distro it ran on before. Called only while no Pod of it exists, so
+/// nothing mounted is pulled away.
+async fn delete_stale_volumes(
+    ctx: &Context,
+    container: &Container,
+    wanted: &[(PersistentVolume, PersistentVolumeClaim)],
+) -> Result<(), Error> {
+    let namespace = container.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let selector = format!("{CONTAINER_LABEL}={}", container.name_any());
+    for claim in claims
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let name = claim.name_any();
+        if wanted.iter().any(|(_, c)| c.name_any() == name) || !owned_by(&claim, container) {
+            continue;
+        }
+        let volume = claim.spec.as_ref().and_then(|s| s.volume_name.clone());
+        delete_if_present(&claims, &name).await?;
+        if let Some(volume) = volume {
+            delete_if_present(&volumes, &volume).await?;
+        }
+        info!(container = %container.name_any(), %namespace, claim = %name, "deleted a volume the workload no longer uses");
+    }
+    Ok(())
+}
+
+/// Whether `object` is controlled by this very Container (not an earlier one of the same name).
+fn owned_by<K: Resource>(object: &K, container: &Container) -> bool {
+    let uid = container.metadata.uid.as_deref();
+    object
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
 }
 
 fn pod_phase(pod: &Pod) -> String {
@@ -518,7 +653,29 @@ fn pod_status(pod: &Pod, usable: Vec<String>) -> WorkloadStatus {
             ),
         )
     } else {
-        Desired::no(RUNNING, format!("Pod{phase}"), format!("Pod is {phase}"))
+        // What the kubelet says about the container (CreateContainerConfigError for a subPath
+        // of a custom distro that is now a symlink out of it, CrashLoopBackOff, ...) is the
+        // first thing a person needs.
+        let waiting = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.state.as_ref()?.waiting.clone());
+        match waiting {
+            Some(waiting) => Desired::no(
+                RUNNING,
+                format!("Pod{phase}"),
+                format!(
+                    "Pod is {phase}: {}{}",
+                    waiting.reason.unwrap_or_default(),
+                    waiting
+                        .message
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            None => Desired::no(RUNNING, format!("Pod{phase}"), format!("Pod is {phase}")),
+        }
     };
     WorkloadStatus {
         running: Some(running),
@@ -631,18 +788,8 @@ async fn finalize(container: &Container, ctx: &Context) -> Result<Action, Error>
         apply_status(&api(ctx, container), container, WORKLOAD_MANAGER, body).await?;
     }
     let record = AdmissionRecord::cached(container);
-    if let Some(uid) = record.uid {
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-        let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        for claim in [format!("{name}-home"), format!("{name}-distro")] {
-            delete_if_present(&claims, &claim).await?;
-        }
-        for volume in [
-            format!("uwsgi-it-home-{uid}"),
-            format!("uwsgi-it-distro-{uid}"),
-        ] {
-            delete_if_present(&volumes, &volume).await?;
-        }
+    if record.uid.is_some() {
+        delete_stale_volumes(ctx, container, &[]).await?;
     }
     // The agent archives (or retains, or deletes) the home and says so on HomeReady. Without
     // an agent (the server or its Node is gone for good) the deletion completes after the

@@ -51,6 +51,10 @@ pub struct OperatorConfig {
     pub home_retention: HomeRetention,
     /// Platform distro name → container image.
     pub distros: BTreeMap<String, String>,
+    /// The image a container on a custom distro starts from: only its empty mount points are
+    /// used (everything the container runs comes from the distro). `None`: containers with a
+    /// customDistro do not run, and say so.
+    pub custom_distro_image: Option<String>,
     /// Public ports no PortMapping may take.
     pub reserved_ports: ReservedPorts,
     /// Port-forwarding settings.
@@ -72,6 +76,7 @@ impl Default for OperatorConfig {
             home_root: PathBuf::from("/containers"),
             home_retention: HomeRetention::default(),
             distros: BTreeMap::new(),
+            custom_distro_image: None,
             reserved_ports: ReservedPorts::default(),
             port_forward: PortForwardConfig {
                 backend: ForwardingBackend::default(),
@@ -120,6 +125,7 @@ struct RawConfig {
     home_root: Option<String>,
     home_retention: Option<HomeRetention>,
     distros: Option<BTreeMap<String, String>>,
+    custom_distro_image: Option<String>,
     reserved_ports: Option<Vec<String>>,
     port_forward: Option<RawPortForward>,
     log_level: Option<String>,
@@ -155,6 +161,12 @@ impl OperatorConfig {
         if let Some((name, _)) = distros.iter().find(|(_, image)| image.trim().is_empty()) {
             return Err(ConfigError::DistroImage(name.clone()));
         }
+        let custom_distro_image = match raw.custom_distro_image {
+            Some(image) if image.trim().is_empty() => {
+                return Err(ConfigError::EmptyName("customDistroImage"));
+            }
+            image => image,
+        };
         let reserved_ports = match raw.reserved_ports {
             Some(entries) => ReservedPorts::parse(entries)?,
             None => defaults.reserved_ports,
@@ -182,6 +194,7 @@ impl OperatorConfig {
             home_root,
             home_retention: raw.home_retention.unwrap_or_default(),
             distros,
+            custom_distro_image,
             reserved_ports,
             port_forward: PortForwardConfig {
                 backend: forward.backend.unwrap_or_default(),
@@ -299,6 +312,7 @@ uidStore: uids
             ),
             ("reservedPorts: ['70000']", "reservedPorts"),
             ("distros: {bookworm: ''}", "distros.bookworm"),
+            ("customDistroImage: ' '", "customDistroImage"),
             ("customerClusterRole: ''", "customerClusterRole"),
             ("homeRot: /x", "homeRot"),
         ];

@@ -1,5 +1,5 @@
-//! Custom distributions: root filesystems a customer keeps in a *storage container*'s
-//! `distros/` directory and mounts read-only into other containers.
+//! Custom distributions: root filesystems a customer fills through a *storage container*
+//! (at `<home>/distros/<path>`) and runs its other containers on.
 //!
 //! A distro lives on one server's disk, so it is usable only by containers of the same customer
 //! on that same server. A storage container never uses a custom distro itself (it would mount
@@ -390,6 +390,125 @@ pub fn check_deletion(
     }
 }
 
+/// Top-level names a container running on a custom distro never takes from the distro: the
+/// runtime provides `/proc`, `/dev` and `/sys`, `/tmp` and `/run` are private to each container
+/// (an empty directory of its own, so two containers on one distro share no scratch space), and
+/// `/containers` holds the container's home.
+pub const ROOT_ENTRIES_NOT_FROM_DISTRO: [&str; 6] =
+    ["containers", "dev", "proc", "run", "sys", "tmp"];
+
+/// Most top-level directories a distro may bring (each is one mount in the container).
+pub const MAX_ROOT_DIRECTORIES: usize = 64;
+
+/// Where a distro's uWSGI may be, in order of preference: the seed's distro checklist puts it at
+/// `/opt/unbit/uwsgi/uwsgi`; a distro with a packaged uWSGI has it on the standard `PATH`.
+pub const EMPEROR_CANDIDATES: [&str; 4] = [
+    "/opt/unbit/uwsgi/uwsgi",
+    "/usr/local/bin/uwsgi",
+    "/usr/bin/uwsgi",
+    "/bin/uwsgi",
+];
+
+/// Whether a top-level entry of a distro tree is mounted into the containers running on it: a
+/// plain name (the distro `path` rule: no `/`, no dot entries, nothing hidden) that the runtime
+/// or the operator does not provide itself.
+pub fn is_root_directory_name(name: &str) -> bool {
+    validate_distro_path_name(name).is_ok() && !ROOT_ENTRIES_NOT_FROM_DISTRO.contains(&name)
+}
+
+/// A root filesystem a container can run on: the directories to mount at `/<name>` and the
+/// Emperor binary to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnableRoot {
+    /// Top-level directories, sorted, without duplicates.
+    pub directories: Vec<String>,
+    /// An entry of [`EMPEROR_CANDIDATES`].
+    pub emperor: String,
+}
+
+/// Why a distro's reported root cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RootRefusal {
+    /// The agent has not reported a usable tree.
+    #[error("custom distro {distro} is not available: {why}")]
+    NotAvailable {
+        /// The distro's name.
+        distro: String,
+        /// The agent's message, or what is missing.
+        why: String,
+    },
+    /// A reported directory is not a plain top-level name, or is one the runtime provides.
+    #[error(
+        "custom distro {distro}: status.root.directories has {name:?}, which is not a top-level directory a container may take from a distro (a plain name, not one of {})",
+        ROOT_ENTRIES_NOT_FROM_DISTRO.join(", ")
+    )]
+    BadDirectory {
+        /// The distro's name.
+        distro: String,
+        /// The offending entry.
+        name: String,
+    },
+    /// More directories than [`MAX_ROOT_DIRECTORIES`].
+    #[error(
+        "custom distro {distro}: {count} top-level directories, at most {MAX_ROOT_DIRECTORIES} are mounted"
+    )]
+    TooManyDirectories {
+        /// The distro's name.
+        distro: String,
+        /// How many were reported.
+        count: usize,
+    },
+    /// The Emperor is not one of the known places, or lies in a directory that is not mounted.
+    #[error(
+        "custom distro {distro}: status.root.emperor {emperor:?} must be one of {} inside a mounted top-level directory",
+        EMPEROR_CANDIDATES.join(", ")
+    )]
+    BadEmperor {
+        /// The distro's name.
+        distro: String,
+        /// The reported path.
+        emperor: String,
+    },
+}
+
+/// Checks the agent's survey of a distro (`status.root`) before the controller builds a Pod
+/// from it: the agent is trusted to look at the disk, not to name mount points.
+pub fn runnable_root(
+    distro: &str,
+    directories: &[String],
+    emperor: &str,
+) -> Result<RunnableRoot, RootRefusal> {
+    if directories.len() > MAX_ROOT_DIRECTORIES {
+        return Err(RootRefusal::TooManyDirectories {
+            distro: distro.to_owned(),
+            count: directories.len(),
+        });
+    }
+    if let Some(bad) = directories.iter().find(|d| !is_root_directory_name(d)) {
+        return Err(RootRefusal::BadDirectory {
+            distro: distro.to_owned(),
+            name: bad.clone(),
+        });
+    }
+    let mut sorted = directories.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let top = emperor
+        .strip_prefix('/')
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    if !EMPEROR_CANDIDATES.contains(&emperor) || !sorted.iter().any(|d| d == top) {
+        return Err(RootRefusal::BadEmperor {
+            distro: distro.to_owned(),
+            emperor: emperor.to_owned(),
+        });
+    }
+    Ok(RunnableRoot {
+        directories: sorted,
+        emperor: emperor.to_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,6 +843,107 @@ mod tests {
         #[test]
         fn names_matching_the_pattern_are_accepted(path in "[A-Za-z0-9][A-Za-z0-9._-]{0,63}") {
             prop_assert_eq!(validate_distro_path_name(&path), Ok(()));
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_debian_tree_is_runnable_with_its_directories_sorted() {
+        let root = runnable_root(
+            "deb",
+            &names(&["usr", "etc", "bin", "lib", "lib64", "opt", "var", "usr"]),
+            "/opt/unbit/uwsgi/uwsgi",
+        )
+        .unwrap();
+        assert_eq!(
+            root.directories,
+            names(&["bin", "etc", "lib", "lib64", "opt", "usr", "var"])
+        );
+        assert_eq!(root.emperor, "/opt/unbit/uwsgi/uwsgi");
+        let packaged = runnable_root("deb", &names(&["usr", "etc"]), "/usr/bin/uwsgi").unwrap();
+        assert_eq!(packaged.emperor, "/usr/bin/uwsgi");
+    }
+
+    #[test]
+    fn runtime_provided_and_unsafe_names_are_never_mounted_from_a_distro() {
+        for bad in [
+            "proc",
+            "dev",
+            "sys",
+            "tmp",
+            "run",
+            "containers",
+            "..",
+            ".",
+            ".hidden",
+            "a/b",
+            "",
+            "/etc",
+        ] {
+            let error = runnable_root("deb", &names(&["usr", bad]), "/usr/bin/uwsgi").unwrap_err();
+            assert!(
+                matches!(&error, RootRefusal::BadDirectory { name, .. } if name == bad),
+                "{bad:?}: {error}"
+            );
+            assert!(
+                error.to_string().contains("status.root.directories"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_emperor_must_be_a_known_place_in_a_mounted_directory() {
+        for bad in [
+            "/usr/bin/python3",
+            "usr/bin/uwsgi",
+            "/opt/unbit/uwsgi/uwsgi/../../x",
+            "/tmp/uwsgi",
+        ] {
+            let error = runnable_root("deb", &names(&["usr", "opt"]), bad).unwrap_err();
+            assert!(
+                matches!(error, RootRefusal::BadEmperor { .. }),
+                "{bad}: {error}"
+            );
+        }
+        // Known place, but /opt is not one of the tree's directories.
+        let error = runnable_root("deb", &names(&["usr"]), "/opt/unbit/uwsgi/uwsgi").unwrap_err();
+        assert!(
+            error.to_string().contains("/opt/unbit/uwsgi/uwsgi"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn too_many_directories_are_refused_with_the_numbers() {
+        let many: Vec<String> = (0..=MAX_ROOT_DIRECTORIES)
+            .map(|i| format!("d{i}"))
+            .collect();
+        let error = runnable_root("deb", &many, "/usr/bin/uwsgi").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "custom distro deb: 65 top-level directories, at most {MAX_ROOT_DIRECTORIES} are mounted"
+            )
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn a_runnable_root_only_ever_mounts_plain_names(
+            dirs in proptest::collection::vec(".{0,8}", 0..8),
+            emperor in prop_oneof![Just("/usr/bin/uwsgi".to_owned()), ".{0,20}"],
+        ) {
+            if let Ok(root) = runnable_root("d", &dirs, &emperor) {
+                for dir in &root.directories {
+                    prop_assert!(is_root_directory_name(dir));
+                    prop_assert!(!dir.contains('/') && !dir.starts_with('.'));
+                }
+                prop_assert!(EMPEROR_CANDIDATES.contains(&root.emperor.as_str()));
+            }
         }
     }
 }

@@ -14,8 +14,14 @@ pub const FIRST_CONTAINER_UID: u32 = 30001;
 pub const MAX_DISTRO_NAME_LEN: usize = 64;
 /// Directory, under `home_root`, where deleted homes are moved.
 pub const ARCHIVE_DIR: &str = ".archive";
-/// Directory, inside a storage container's home, holding custom distros.
+/// Directory, inside a storage container's home, where it sees its custom distros (a mount of
+/// its [`storage_distros_dir`], not a directory of the home).
 pub const DISTROS_DIR: &str = "distros";
+/// Directory, under `home_root`, holding every storage container's custom distro trees. It and
+/// each `<uid>` below it are root-owned: a PersistentVolume path below them has no component a
+/// customer can replace with a symlink (the kubelet follows symlinks when it bind-mounts a local
+/// volume: the CVE-2017-1002101 class).
+pub const DISTRO_TREES_DIR: &str = ".distros";
 
 /// Why a path could not be built. Each variant names the offending field and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,7 +124,8 @@ pub fn home_dir(home_root: &Path, uid: u32) -> Result<PathBuf, PathError> {
     Ok(root.join(validated_uid("uid", uid)?.to_string()))
 }
 
-/// `<home_root>/<uid>/distros`: where a storage container keeps custom distros.
+/// `<home_root>/<uid>/distros`: the mount point, inside a storage container's home, of its
+/// custom distro trees.
 pub fn distros_dir(home_root: &Path, uid: u32) -> Result<PathBuf, PathError> {
     Ok(home_dir(home_root, uid)?.join(DISTROS_DIR))
 }
@@ -145,19 +152,39 @@ pub fn archive_path(home_root: &Path, uid: u32, unix_time: u64) -> Result<PathBu
     Ok(archive_dir(home_root)?.join(format!("{uid}-{unix_time}")))
 }
 
-/// `<home_root>/<storage_uid>/distros/<path_name>`: a custom distro's root file system.
+/// `<home_root>/.distros`: the root-owned parent of every storage container's distro trees.
+pub fn distro_trees_dir(home_root: &Path) -> Result<PathBuf, PathError> {
+    Ok(validated_root(home_root)?.join(DISTRO_TREES_DIR))
+}
+
+/// `<home_root>/.distros/<storage_uid>`: a storage container's distro trees (root-owned; mounted
+/// at `<home>/distros` in the storage container).
+pub fn storage_distros_dir(home_root: &Path, storage_uid: u32) -> Result<PathBuf, PathError> {
+    let storage_uid = validated_uid("storageContainer uid", storage_uid)?;
+    Ok(distro_trees_dir(home_root)?.join(storage_uid.to_string()))
+}
+
+/// `<home_root>/.distros/<storage_uid>/<path_name>`: a custom distro's root file system. Only
+/// its last component is the customer's, and its parent is root's, so the customer can fill it
+/// but never rename or replace it.
 pub fn custom_distro_dir(
     home_root: &Path,
     storage_uid: u32,
     path_name: &str,
 ) -> Result<PathBuf, PathError> {
-    let root = validated_root(home_root)?;
-    let storage_uid = validated_uid("storageContainer uid", storage_uid)?;
     validate_distro_name("path", path_name)?;
-    Ok(root
-        .join(storage_uid.to_string())
-        .join(DISTROS_DIR)
-        .join(path_name))
+    Ok(storage_distros_dir(home_root, storage_uid)?.join(path_name))
+}
+
+/// `<home_root>/.archive/<uid>-<unix_time>.distros`: where a deleted storage container's distro
+/// trees are moved, next to its archived home.
+pub fn archive_distros_path(
+    home_root: &Path,
+    uid: u32,
+    unix_time: u64,
+) -> Result<PathBuf, PathError> {
+    let uid = validated_uid("uid", uid)?;
+    Ok(archive_dir(home_root)?.join(format!("{uid}-{unix_time}.distros")))
 }
 
 #[cfg(test)]
@@ -200,7 +227,7 @@ mod tests {
         );
         assert_eq!(
             custom_distro_dir(root(), 30005, "debian-12.1_custom").unwrap(),
-            Path::new("/containers/30005/distros/debian-12.1_custom")
+            Path::new("/containers/.distros/30005/debian-12.1_custom")
         );
         assert_eq!(
             home_dir(Path::new("/srv/homes/uwsgi"), u32::MAX).unwrap(),
@@ -352,11 +379,13 @@ mod tests {
             // Arbitrary text, including '/', '.', '..', NUL and non-ASCII.
             name in prop_oneof![".{0,70}", "[A-Za-z0-9._/-]{0,70}", Just("..".to_owned())],
         ) {
-            let builders: [Result<PathBuf, PathError>; 5] = [
+            let builders: [Result<PathBuf, PathError>; 7] = [
                 home_dir(&home_root, uid),
                 distros_dir(&home_root, uid),
                 authorized_keys(&home_root, uid),
                 archive_path(&home_root, uid, time),
+                archive_distros_path(&home_root, uid, time),
+                storage_distros_dir(&home_root, uid),
                 custom_distro_dir(&home_root, uid, &name),
             ];
             for path in builders.into_iter().flatten() {
@@ -367,8 +396,13 @@ mod tests {
             }
             if let Ok(path) = custom_distro_dir(&home_root, uid, &name) {
                 prop_assert_eq!(path.file_name().and_then(|n| n.to_str()), Some(name.as_str()));
-                let home = home_dir(&home_root, uid).unwrap();
-                prop_assert_eq!(path.parent().and_then(Path::parent), Some(home.as_path()));
+                // Every component but the last is root's: `.distros` and the uid below it.
+                let trees = storage_distros_dir(&home_root, uid).unwrap();
+                prop_assert_eq!(path.parent(), Some(trees.as_path()));
+                let parent = home_root.join(DISTRO_TREES_DIR);
+                prop_assert_eq!(trees.parent(), Some(parent.as_path()));
+                // Never inside a home, whose components are all the customer's.
+                prop_assert!(!path.starts_with(home_dir(&home_root, uid).unwrap()));
             }
         }
 

@@ -61,7 +61,13 @@ impl RealCluster {
             );
         }
         let env = parse_env(&String::from_utf8_lossy(&output.stdout));
-        for key in ["KUBECONFIG", "HOME_ROOT", "OPERATOR_IMAGE", "DISTRO_IMAGE"] {
+        for key in [
+            "KUBECONFIG",
+            "HOME_ROOT",
+            "OPERATOR_IMAGE",
+            "DISTRO_IMAGE",
+            "DISTRO_ROOT_IMAGE",
+        ] {
             if !env.contains_key(key) {
                 bail!("hack/cluster.sh up did not report {key}");
             }
@@ -158,6 +164,7 @@ impl RealCluster {
             "image.pullPolicy=Never".to_string(),
             format!("config.homeRoot={}", self.env("HOME_ROOT")),
             format!("config.distros.bookworm={}", self.env("DISTRO_IMAGE")),
+            format!("config.customDistroImage={}", self.env("DISTRO_ROOT_IMAGE")),
         ];
         sets.extend(extra.iter().map(|s| s.to_string()));
         let mut command = Command::new(helm()?);
