@@ -20,6 +20,9 @@ use uwsgi_it_api::{Container, PortMapping};
 use uwsgi_it_testbed::netns::{Netns, UdpFlow};
 use uwsgi_it_testbed::real_cluster::{RealCluster, http_get, wait_condition, write_as_customer};
 
+#[path = "real_cluster/custom_distros.rs"]
+mod custom_distros;
+
 const SYSTEM: &str = "uwsgi-it-system";
 const CUSTOMER: &str = "acme";
 const WAIT: Duration = Duration::from_secs(120);
@@ -215,18 +218,31 @@ spec: {container: hydra, publicPort: 9002, privatePort: 8002}",
     )
     .await
     .expect("marking hydra's Pod Failed");
-    let deadline = Instant::now() + WAIT;
+    let failed_at = Instant::now();
+    let deadline = failed_at + WAIT;
     loop {
-        let replaced = pods.get_opt("hydra").await.unwrap().is_some_and(|p| {
+        let pod = pods.get_opt("hydra").await.unwrap();
+        let replaced = pod.as_ref().is_some_and(|p| {
             p.metadata.uid != failed_uid
                 && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         });
         if replaced {
             break;
         }
-        assert!(Instant::now() < deadline, "the Failed Pod was not replaced");
+        if Instant::now() > deadline {
+            let hydra = containers.get("hydra").await.unwrap();
+            panic!(
+                "the Failed Pod was not replaced within {WAIT:?}; Pod: {:?}; container status: {:?}",
+                pod.map(|p| (p.metadata.uid, p.metadata.deletion_timestamp, p.status)),
+                hydra.status
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eprintln!(
+        "[real-cluster] the Failed Pod was replaced by a running one in {:?}",
+        failed_at.elapsed()
+    );
     // The answer must come from the new Pod: the forward is re-programmed to its address first.
     let new_ip = pods
         .get("hydra")
@@ -347,6 +363,9 @@ spec: {server: server-2, memory: 500, storage: 1000, distro: bookworm}",
     wait_condition(&containers, "after-failover", "Running", WAIT)
         .await
         .expect("its Emperor runs on server-2");
+    crash_loops.check(cluster);
+
+    custom_distros::scenario(cluster, &client).await;
     crash_loops.check(cluster);
 
     step("no Pod crash-looped at any check");

@@ -472,6 +472,7 @@ fn operator_config(home_root: &Path, backend: Backend) -> OperatorConfig {
         "homeRoot: {}
 distros:
   bookworm: docker.io/library/debian:bookworm-slim
+customDistroImage: uwsgi-it.local/distro-root:test
 reservedPorts: ['30000-32767', '10250']
 portForward:
   backend: {}
@@ -602,8 +603,8 @@ async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
     assert_eq!(cluster.agents[0].metrics.forwards_programmed(), 1);
     assert_eq!(cluster.agents[1].metrics.forwards_programmed(), 0);
 
-    // 04: the storage container gets a home with distros/, the CustomDistro is accepted but not
-    // available until the customer uploads the distribution.
+    // 04: the storage container gets a home, the CustomDistro is accepted and the agent makes its
+    // (empty) tree, which is not available until the customer fills it.
     cluster.apply_example("04-custom-distro-storage.yaml");
     let store = wait_for(
         &cluster.containers(),
@@ -612,10 +613,6 @@ async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
         |c| has(c, ADMITTED, "True") && has(c, HOME_READY, "True"),
     )
     .await;
-    assert!(
-        condition_of(&store, RUNNING).is_none(),
-        "a container without a distro has no workload"
-    );
     let distro = wait_for(
         &cluster.distros(),
         "ubuntu0001",
@@ -623,22 +620,41 @@ async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
         |d| has(d, ACCEPTED, "True") && has(d, AVAILABLE, "False"),
     )
     .await;
-    assert_eq!(
-        condition_of(&distro, AVAILABLE).unwrap().reason,
-        "Missing",
-        "{distro:?}"
-    );
     let store_uid = store.status.unwrap().uid.expect("distro-store's uid");
-    let distros = cluster
+    let tree = cluster
         .home_root()
+        .join(".distros")
         .join(store_uid.to_string())
-        .join("distros");
-    assert!(distros.is_dir(), "{} made by the agent", distros.display());
-    // What the customer does through the storage container: upload the root filesystem.
-    let upload = distros.join("ubuntu0001");
-    std::fs::create_dir(&upload).unwrap();
+        .join("ubuntu0001");
+    let unavailable = condition_of(&distro, AVAILABLE).unwrap();
+    assert_eq!(unavailable.reason, "Empty", "{distro:?}");
+    assert!(
+        unavailable.message.contains("/distros/ubuntu0001"),
+        "{}",
+        unavailable.message
+    );
+    assert!(tree.is_dir(), "{} made by the agent", tree.display());
+    // What the customer does through the storage container: fill in the root filesystem, here
+    // the smallest one the agent accepts (a uWSGI every user may run).
     let owner = u32::try_from(store_uid).unwrap();
-    std::os::unix::fs::chown(&upload, Some(owner), Some(owner)).unwrap();
+    for dir in ["etc", "usr/bin"] {
+        std::fs::create_dir_all(tree.join(dir)).unwrap();
+    }
+    std::fs::write(tree.join("etc/os-release"), "ID=ubuntu\n").unwrap();
+    std::fs::write(tree.join("usr/bin/uwsgi"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        tree.join("usr/bin/uwsgi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::process::Command::new("chown")
+        .args([
+            "-R",
+            &format!("{owner}:{owner}"),
+            &tree.display().to_string(),
+        ])
+        .status()
+        .unwrap();
     let distro = wait_for(
         &cluster.distros(),
         "ubuntu0001",
@@ -646,10 +662,11 @@ async fn every_example_reaches_its_state_and_traffic_flows(backend: Backend) {
         |d| has(d, ACCEPTED, "True") && has(d, AVAILABLE, "True"),
     )
     .await;
-    assert_eq!(
-        distro.status.unwrap().host_path,
-        Some(upload.display().to_string())
-    );
+    let status = distro.status.unwrap();
+    assert_eq!(status.host_path, Some(tree.display().to_string()));
+    let root = status.root.expect("the agent's survey of the tree");
+    assert_eq!(root.directories, ["etc", "usr"]);
+    assert_eq!(root.emperor, "/usr/bin/uwsgi");
 
     // 05: a container running on the custom distro.
     cluster.apply_example("05-container-custom-distro.yaml");

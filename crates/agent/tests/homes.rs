@@ -237,12 +237,24 @@ fn distros_only_for_storage_containers() {
     assert!(!f.home().join("distros").exists());
 
     let report = f.homes.ensure(&spec(true, &[])).unwrap();
+    let trees = f.root.join(".distros");
+    let mine = trees.join(UID.to_string());
     assert_eq!(
         report.changes,
-        [HomeChange::CreatedDir {
-            path: f.home().join("distros")
-        }]
+        [
+            HomeChange::CreatedDir {
+                path: trees.clone()
+            },
+            HomeChange::CreatedDir { path: mine.clone() },
+            HomeChange::CreatedDir {
+                path: f.home().join("distros")
+            }
+        ]
     );
+    // The trees' parents are root's, so no component of a distro's path is the customer's but
+    // the tree itself; the home's distros/ is only the mount point of <homeRoot>/.distros/<uid>.
+    assert_eq!(owner_mode(&trees), (0, 0, 0o711));
+    assert_eq!(owner_mode(&mine), (0, 0, 0o755));
     assert_eq!(owner_mode(&f.home().join("distros")), (UID, UID, 0o755));
     assert!(f.homes.ensure(&spec(true, &[])).unwrap().unchanged());
 
@@ -421,7 +433,7 @@ fn a_symlinked_keys_file_is_refused_and_the_target_untouched() {
 }
 
 #[test]
-fn a_symlinked_distros_dir_is_refused() {
+fn a_symlinked_distros_mount_point_is_left_alone_and_never_followed() {
     let f = Fixture::new();
     f.homes.ensure(&spec(false, &[])).unwrap();
     let target = f.outside_dir();
@@ -429,9 +441,19 @@ fn a_symlinked_distros_dir_is_refused() {
     symlink(&target, &distros).unwrap();
     let before = snapshot(&f.outside);
 
-    let error = f.homes.ensure(&spec(true, &[])).unwrap_err();
-    assert_symlink_error(error, &distros);
+    // The name is the customer's: a symlink there only changes its own Pod's view.
+    f.homes.ensure(&spec(true, &[])).unwrap();
+    assert!(
+        fs::symlink_metadata(&distros)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert_eq!(snapshot(&f.outside), before);
+    assert_eq!(
+        owner_mode(&f.root.join(".distros").join(UID.to_string())),
+        (0, 0, 0o755)
+    );
 }
 
 #[test]
@@ -692,31 +714,135 @@ fn usage_of_a_missing_home_names_it() {
 // ---------------------------------------------------------------------------------------------
 // custom distros
 
+/// A small root filesystem as a customer would make it, owned by `uid`: merged /usr (relative
+/// links), /etc/os-release, uWSGI at /opt/unbit/uwsgi/uwsgi reached through an absolute link.
+fn fill_tree(tree: &Path, uid: u32) {
+    for dir in [
+        "usr/bin",
+        "usr/lib",
+        "etc/alternatives",
+        "opt/unbit/uwsgi",
+        "var/tmp",
+        "proc",
+        "tmp",
+    ] {
+        fs::create_dir_all(tree.join(dir)).unwrap();
+    }
+    fs::write(tree.join("etc/os-release"), "ID=test\n").unwrap();
+    fs::write(tree.join("usr/bin/uwsgi-core"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(
+        tree.join("usr/bin/uwsgi-core"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    symlink("/usr/bin/uwsgi-core", tree.join("etc/alternatives/uwsgi")).unwrap();
+    symlink(
+        "/etc/alternatives/uwsgi",
+        tree.join("opt/unbit/uwsgi/uwsgi"),
+    )
+    .unwrap();
+    symlink("usr/bin", tree.join("bin")).unwrap();
+    symlink("usr/lib", tree.join("lib")).unwrap();
+    std::process::Command::new("chown")
+        .args(["-hR", &format!("{uid}:{uid}"), &tree.display().to_string()])
+        .status()
+        .unwrap();
+}
+
 #[test]
-fn custom_distro_available_only_for_real_directories() {
+fn a_distro_tree_is_made_under_a_root_owned_parent_and_surveyed() {
     let f = Fixture::new();
-    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
     f.homes.ensure(&spec(true, &[])).unwrap();
-    let distros = f.home().join("distros");
-    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
+    let survey = f.homes.ensure_distro_tree(UID, "debian").unwrap();
+    let tree = f.root.join(".distros").join(UID.to_string()).join("debian");
+    assert_eq!(survey.tree, tree);
+    assert!(survey.created);
+    assert_eq!(owner_mode(&tree), (UID, UID, 0o755));
+    assert!(survey.directories.is_empty());
+    assert_eq!(survey.emperor, None);
 
-    fs::create_dir(distros.join("debian")).unwrap();
-    assert!(f.homes.custom_distro_available(UID, "debian").unwrap());
+    fill_tree(&tree, UID);
+    let survey = f.homes.ensure_distro_tree(UID, "debian").unwrap();
+    assert!(!survey.created);
+    // proc and tmp are the runtime's and the container's own, never the distro's.
+    assert_eq!(
+        survey.directories,
+        ["bin", "etc", "lib", "opt", "usr", "var"]
+    );
+    assert_eq!(survey.emperor.as_deref(), Some("/opt/unbit/uwsgi/uwsgi"));
+}
 
+#[test]
+fn links_out_of_a_distro_tree_are_never_taken() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(true, &[])).unwrap();
+    let tree = f.homes.ensure_distro_tree(UID, "debian").unwrap().tree;
+    fill_tree(&tree, UID);
     let target = f.outside_dir();
-    symlink(&target, distros.join("linked")).unwrap();
-    assert!(!f.homes.custom_distro_available(UID, "linked").unwrap());
+    // Top-level links to a host path, to the host's /proc, out of the tree with .., broken.
+    symlink(&target, tree.join("srv")).unwrap();
+    symlink("/proc", tree.join("media")).unwrap();
+    symlink("../../..", tree.join("mnt")).unwrap();
+    symlink("nowhere", tree.join("home")).unwrap();
+    // uWSGI reached only through a link out of the tree does not count either.
+    fs::remove_file(tree.join("opt/unbit/uwsgi/uwsgi")).unwrap();
+    fs::write(target.join("uwsgi"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(target.join("uwsgi"), fs::Permissions::from_mode(0o755)).unwrap();
+    symlink(target.join("uwsgi"), tree.join("opt/unbit/uwsgi/uwsgi")).unwrap();
+    fs::remove_file(tree.join("usr/bin/uwsgi-core")).unwrap();
+    let before = snapshot(&f.outside);
 
-    fs::write(distros.join("file"), "x").unwrap();
-    assert!(!f.homes.custom_distro_available(UID, "file").unwrap());
+    let survey = f.homes.ensure_distro_tree(UID, "debian").unwrap();
+    assert_eq!(
+        survey.directories,
+        ["bin", "etc", "lib", "opt", "usr", "var"]
+    );
+    for name in ["/srv", "/media", "/mnt", "/home"] {
+        assert!(
+            survey.skipped.iter().any(|s| s.starts_with(name)),
+            "{name}: {:?}",
+            survey.skipped
+        );
+    }
+    // RESOLVE_IN_ROOT: the absolute link is resolved inside the tree, where it names nothing.
+    assert_eq!(survey.emperor, None);
+    assert_eq!(snapshot(&f.outside), before);
+}
 
-    // A symlinked component higher up counts too.
-    fs::rename(&distros, f.home().join("real-distros")).unwrap();
-    symlink(f.home().join("real-distros"), &distros).unwrap();
-    assert!(!f.homes.custom_distro_available(UID, "debian").unwrap());
-
+#[test]
+fn a_distro_tree_not_owned_by_the_storage_container_is_refused() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(true, &[])).unwrap();
+    let tree = f.homes.ensure_distro_tree(UID, "debian").unwrap().tree;
+    std::os::unix::fs::chown(&tree, Some(UID + 1), Some(UID + 1)).unwrap();
+    let error = f.homes.ensure_distro_tree(UID, "debian").unwrap_err();
+    assert!(
+        matches!(error, HomeError::NotOwned { found, expected, .. } if found == UID + 1 && expected == UID),
+        "{error}"
+    );
     assert!(matches!(
-        f.homes.custom_distro_available(UID, "../etc"),
+        f.homes.ensure_distro_tree(UID, "../etc"),
         Err(HomeError::Path(_))
     ));
+}
+
+#[test]
+fn a_storage_containers_trees_follow_its_home_into_the_archive_or_away() {
+    for retention in [Retention::Archive, Retention::Delete, Retention::Retain] {
+        let f = Fixture::new();
+        f.homes.ensure(&spec(true, &[])).unwrap();
+        let tree = f.homes.ensure_distro_tree(UID, "debian").unwrap().tree;
+        fill_tree(&tree, UID);
+        f.homes.archive(UID, retention, 1_700_000_000).unwrap();
+        let trees = f.root.join(".distros").join(UID.to_string());
+        let archived = f.root.join(format!(".archive/{UID}-1700000000.distros"));
+        match retention {
+            Retention::Archive => {
+                assert!(!trees.exists());
+                assert!(archived.join("debian/etc/os-release").exists());
+            }
+            Retention::Delete => assert!(!trees.exists() && !archived.exists()),
+            Retention::Retain => assert!(tree.join("etc/os-release").exists()),
+        }
+    }
 }

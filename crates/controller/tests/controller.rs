@@ -488,7 +488,7 @@ async fn custom_distro_rules_are_enforced() {
     assert_eq!(status.server.as_deref(), Some("distro-a"));
     assert_eq!(
         status.host_path,
-        Some(format!("/containers/{store_uid}/distros/ubuntu0001"))
+        Some(format!("/containers/.distros/{store_uid}/ubuntu0001"))
     );
 
     // Same server: usable. Other server: listed as not usable and never started on it.

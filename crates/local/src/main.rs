@@ -188,7 +188,7 @@ The cluster is yours until Ctrl-C:
   kubectl -n {CUSTOMER} logs hydra                    # the Emperor and its vassals
   ip netns exec {client_netns} curl http://{public}/   # from a client outside the servers
   ls {home}/vassals                             # drop a vassal .ini here to deploy an app
-(examples/04 and 05, custom distros, are left out until they run as root filesystems.)
+(examples/04 and 05, custom distros, need a root filesystem uploaded first: see the README.)
 "
     );
     println!("{text}");
