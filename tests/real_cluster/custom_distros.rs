@@ -10,7 +10,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use uwsgi_it_api::condition::{self, AVAILABLE, RUNNING};
 use uwsgi_it_api::{Container, CustomDistro, DistroRoot};
-use uwsgi_it_testbed::real_cluster::{RealCluster, http_get, wait_condition, write_as_customer};
+use uwsgi_it_testbed::real_cluster::{
+    self, RealCluster, http_get, wait_condition, write_as_customer,
+};
 
 use super::{CUSTOMER, WAIT, cluster_apply, step};
 
@@ -208,7 +210,7 @@ spec: {{container: legacy, proto: tcp, publicPort: {PUBLIC_PORT}, privatePort: {
         );
     }
     // Never started on what the links point to.
-    assert_never_ran_since(&pods, "legacy").await;
+    assert_never_ran(&pods, "legacy").await;
     assert!(
         probe(cluster).await.is_err(),
         "nothing answers while the root is broken"
@@ -259,7 +261,7 @@ spec:
     );
     let refusal = wait_waiting_reason(&pods, "subpath-race", "CreateContainerConfigError").await;
     eprintln!("[real-cluster] kubelet: {refusal}");
-    assert_never_ran_since(&pods, "subpath-race").await;
+    assert_never_ran(&pods, "subpath-race").await;
     pods.delete("subpath-race", &Default::default())
         .await
         .unwrap();
@@ -332,21 +334,11 @@ spec: {server: server-1, memory: 64, storage: 100, customDistro: deb}",
     assert_eq!(
         (
             std::os::unix::fs::MetadataExt::uid(&trees_meta),
-            trees_meta.permissions().mode_bits()
+            std::os::unix::fs::MetadataExt::mode(&trees_meta) & 0o7777
         ),
         (0, 0o755),
         "the trees' parent is still root's"
     );
-}
-
-trait ModeBits {
-    fn mode_bits(&self) -> u32;
-}
-
-impl ModeBits for std::fs::Permissions {
-    fn mode_bits(&self) -> u32 {
-        std::os::unix::fs::PermissionsExt::mode(self) & 0o7777
-    }
 }
 
 /// A CustomDistro `name` (path `name`) of the storage container `store`: the agent makes its
@@ -540,30 +532,9 @@ async fn wait_reason<K>(api: &Api<K>, name: &str, type_: &str, reason: &str) -> 
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
-    let deadline = Instant::now() + WAIT;
-    let mut last = serde_json::Value::Null;
-    loop {
-        if let Some(object) = api.get_opt(name).await.unwrap() {
-            let value = serde_json::to_value(&object).unwrap();
-            let found = value["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["type"] == type_)
-                .cloned();
-            if let Some(c) = &found
-                && c["reason"] == reason
-            {
-                return c["message"].as_str().unwrap_or_default().to_string();
-            }
-            last = found.unwrap_or_default();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: {type_} has no reason {reason} within {WAIT:?}; last: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    real_cluster::wait_reason(api, name, type_, reason, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn running_message(api: &Api<Container>, name: &str) -> String {
@@ -628,7 +599,7 @@ fn pod_running(pod: &Pod) -> bool {
 }
 
 /// The Pod of `name`, if there is one, has never had a container running.
-async fn assert_never_ran_since(pods: &Api<Pod>, name: &str) {
+async fn assert_never_ran(pods: &Api<Pod>, name: &str) {
     // Give a kubelet that would have started it a moment to do so.
     tokio::time::sleep(Duration::from_secs(3)).await;
     if let Some(pod) = pods.get_opt(name).await.unwrap() {

@@ -13,7 +13,6 @@ use tracing::warn;
 use uwsgi_it_api::condition::{self, ACCEPTED, AVAILABLE};
 use uwsgi_it_api::{Container, CustomDistro, DistroRoot};
 use uwsgi_it_domain::distro::EMPEROR_CANDIDATES;
-use uwsgi_it_domain::paths;
 
 use crate::Context;
 use crate::homes::HomeError;
@@ -83,10 +82,6 @@ async fn availability(
             None,
         );
     };
-    if let Err(error) = paths::custom_distro_dir(ctx.homes.root(), uid, &distro.spec.path) {
-        let condition = DesiredCondition::new(AVAILABLE, false, "InvalidPath", error.to_string());
-        return (condition, None);
-    }
     let homes = ctx.homes.clone();
     let name = distro.spec.path.clone();
     let surveyed = tokio::task::spawn_blocking(move || homes.ensure_distro_tree(uid, &name))
@@ -148,6 +143,7 @@ async fn availability(
                 HomeError::NotADirectory { .. } => "NotADirectory",
                 HomeError::NotOwned { .. } => "NotOwned",
                 HomeError::NotFound { .. } => "Missing",
+                HomeError::Path(_) => "InvalidPath",
                 _ => "CheckFailed",
             };
             refused(reason, error.to_string())

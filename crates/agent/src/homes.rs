@@ -327,7 +327,7 @@ impl Homes {
             self.ensure_storage_distros(root_fd.as_fd(), uid, &mut changes)?;
             // Only the mount point of that parent: whatever the customer puts at this name is
             // its own business and affects only its own Pod's view.
-            create_if_missing(home_fd.as_fd(), &distros, uid, &mut changes)?;
+            create_if_missing(home_fd.as_fd(), &distros, uid, LAYOUT_MODE, &mut changes)?;
         } else {
             match statat(
                 home_fd.as_fd(),
@@ -345,7 +345,13 @@ impl Homes {
         // After the keys: a layout directory that cannot be made (the customer raced it, the
         // disk is full) must not stop key changes from applying.
         for name in LAYOUT {
-            create_if_missing(home_fd.as_fd(), &home.join(name), uid, &mut changes)?;
+            create_if_missing(
+                home_fd.as_fd(),
+                &home.join(name),
+                uid,
+                LAYOUT_MODE,
+                &mut changes,
+            )?;
         }
 
         Ok(HomeReport {
@@ -587,29 +593,17 @@ impl Homes {
                 })?;
         let mut changes = Vec::new();
         let parent = self.ensure_storage_distros(root_fd.as_fd(), storage_uid, &mut changes)?;
-        let created = match mkdirat(
+        // Only root can write the parent, so once made the name cannot be swapped; what is
+        // already there is the customer's tree and is left as it is.
+        let created = create_if_missing(
             parent.as_fd(),
-            file_name(&tree),
-            Mode::from_raw_mode(DISTRO_TREE_MODE),
-        ) {
-            Ok(()) => true,
-            Err(Errno::EXIST) => false,
-            Err(errno) => return Err(HomeError::io(&tree, "create directory", errno)),
-        };
+            &tree,
+            storage_uid,
+            DISTRO_TREE_MODE,
+            &mut changes,
+        )?;
         let tree_fd = open_dir(parent.as_fd(), &tree)?
             .ok_or_else(|| HomeError::NotFound { path: tree.clone() })?;
-        if created {
-            // Only root can write the parent, so the name cannot have been swapped since the
-            // mkdir; the descriptor is used all the same.
-            fchown(
-                &tree_fd,
-                Some(Uid::from_raw(storage_uid)),
-                Some(Gid::from_raw(storage_uid)),
-            )
-            .map_err(|e| HomeError::io(&tree, "chown", e))?;
-            fchmod(&tree_fd, Mode::from_raw_mode(DISTRO_TREE_MODE))
-                .map_err(|e| HomeError::io(&tree, "chmod", e))?;
-        }
         let stat = fstat(&tree_fd).map_err(|e| HomeError::io(&tree, "stat", e))?;
         if stat.st_uid != storage_uid {
             return Err(HomeError::NotOwned {
@@ -944,18 +938,20 @@ fn ensure_dir(
     Ok(fd)
 }
 
-/// Makes the directory `path` (a direct child of `parent`) owned by `uid` when nothing of that
-/// name is there. Whatever is there already — a directory the customer changed, a file, a
-/// symlink — is left alone and never followed: the name is the customer's from now on.
+/// Makes the directory `path` (a direct child of `parent`) owned by `uid`, with `mode`, when
+/// nothing of that name is there; returns whether it did. Whatever is there already — a
+/// directory the customer changed, a file, a symlink — is left alone and never followed: the
+/// name is the customer's from now on.
 fn create_if_missing(
     parent: BorrowedFd<'_>,
     path: &Path,
     uid: u32,
+    mode: u32,
     changes: &mut Vec<HomeChange>,
-) -> Result<(), HomeError> {
-    match mkdirat(parent, file_name(path), Mode::from_raw_mode(LAYOUT_MODE)) {
+) -> Result<bool, HomeError> {
+    match mkdirat(parent, file_name(path), Mode::from_raw_mode(mode)) {
         Ok(()) => {}
-        Err(Errno::EXIST) => return Ok(()),
+        Err(Errno::EXIST) => return Ok(false),
         Err(errno) => return Err(HomeError::io(path, "create directory", errno)),
     }
     // Through a descriptor opened without following links: the customer may have swapped the
@@ -965,11 +961,11 @@ fn create_if_missing(
     })?;
     fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
         .map_err(|e| HomeError::io(path, "chown", e))?;
-    fchmod(&fd, Mode::from_raw_mode(LAYOUT_MODE)).map_err(|e| HomeError::io(path, "chmod", e))?;
+    fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| HomeError::io(path, "chmod", e))?;
     changes.push(HomeChange::CreatedDir {
         path: path.to_owned(),
     });
-    Ok(())
+    Ok(true)
 }
 
 #[derive(Clone, Copy)]

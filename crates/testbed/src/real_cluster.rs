@@ -396,23 +396,63 @@ pub async fn wait_condition<K>(
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
+    let (object, _) =
+        wait_condition_matching(api, name, type_, "True", timeout, |c| c["status"] == "True")
+            .await?;
+    Ok(object)
+}
+
+/// Waits until the object's condition `type_` has `reason`; returns its message.
+pub async fn wait_reason<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    type_: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let (_, condition) =
+        wait_condition_matching(api, name, type_, reason, timeout, |c| c["reason"] == reason)
+            .await?;
+    Ok(condition["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Polls the object until its condition `type_` satisfies `wanted` (described as `what`);
+/// returns the object and the condition.
+async fn wait_condition_matching<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    type_: &str,
+    what: &str,
+    timeout: Duration,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(K, serde_json::Value)>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = serde_json::Value::Null;
     loop {
         if let Some(object) = api.get_opt(name).await? {
             let value = serde_json::to_value(&object)?;
-            let is_true = value["status"]["conditions"]
+            let condition = value["status"]["conditions"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|c| c["type"] == type_ && c["status"] == "True");
-            if is_true {
-                return Ok(object);
+                .find(|c| c["type"] == type_)
+                .cloned();
+            if let Some(condition) = condition.filter(|c| wanted(c)) {
+                return Ok((object, condition));
             }
             last = value["status"].clone();
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("{name}: {type_} not True within {timeout:?}; last status: {last}");
+            bail!("{name}: {type_} not {what} within {timeout:?}; last status: {last}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
