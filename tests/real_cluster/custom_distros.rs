@@ -127,7 +127,8 @@ spec: {{container: legacy, proto: tcp, publicPort: {PUBLIC_PORT}, privatePort: {
         security.capabilities.unwrap().drop,
         Some(vec!["ALL".to_string()])
     );
-    let seen = probe(cluster)
+    // Running is the Pod's; the vassal starts and the forward is programmed just after.
+    let seen = wait_probe(cluster, &format!("deb-{stamp}"))
         .await
         .expect("the consumer's app answers on the public port");
     assert!(
