@@ -314,16 +314,33 @@ spec: {server: server-1, memory: 64, storage: 100, customDistro: deb}",
         "cd {store_home} && rm -rf .ssh && ln -s {victim}/.ssh .ssh && mv vassals vassals.real && ln -s {victim} vassals",
         victim = victim_home.display()
     );
+    let store_pod = pods.get("store").await.unwrap().metadata.uid;
     let (ok, output) = exec_in_store(cluster, &plant);
     assert!(ok, "{output}");
     patch_spec(
         &containers,
         "store",
-        serde_json::json!({"sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl attacker"]}),
+        serde_json::json!({"sshKeys": [uwsgi_it_testbed::ssh_keys::MALLORY]}),
     )
     .await;
-    let refused = wait_reason(&containers, "store", "HomeReady", "SymlinkRefused").await;
+    let refused = wait_reason(&containers, "store", "KeysReady", "SymlinkRefused").await;
     assert!(refused.contains(".ssh"), "{refused}");
+    // A key problem is the keys' alone: the home stays ready and the Pod keeps running.
+    let store = containers.get("store").await.unwrap();
+    assert!(
+        uwsgi_it_api::condition::is_true(
+            uwsgi_it_api::condition::HasConditions::conditions(&store),
+            "HomeReady"
+        ),
+        "{:?}",
+        store.status
+    );
+    let pod = pods.get("store").await.unwrap();
+    assert_eq!(
+        pod.metadata.uid, store_pod,
+        "the storage Pod was not replaced"
+    );
+    assert!(pod_running(&pod), "the storage Pod still runs");
 
     step("nothing outside the customers' own trees changed");
     assert_eq!(

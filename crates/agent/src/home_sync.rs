@@ -16,11 +16,13 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 use uwsgi_it_api::Container;
 use uwsgi_it_api::condition::HasConditions;
-use uwsgi_it_api::condition::{self, HOME_READY, RUNNING};
+use uwsgi_it_api::condition::{self, HOME_READY, KEYS_READY, RUNNING};
 use uwsgi_it_domain::config::HomeRetention;
 
 use crate::Context;
-use crate::homes::{ArchiveOutcome, HomeError, HomeSpec, Retention, threshold_crossed};
+use crate::homes::{
+    ArchiveOutcome, HomeError, HomeSpec, KeysOutcome, Retention, threshold_crossed,
+};
 use crate::reporter::DesiredCondition;
 use crate::scope::Caches;
 
@@ -36,8 +38,11 @@ pub const HOME_READY_REASON: &str = "HomeReady";
 /// Reason of `StorageWithinQuota=False`, and of the Warning Event when it becomes so.
 pub const QUOTA_THRESHOLD_REACHED: &str = "QuotaThresholdReached";
 
+/// Reason of `KeysReady=True`.
+pub const KEYS_APPLIED_REASON: &str = "KeysApplied";
+
 /// Every condition type the agent writes on a Container.
-const OWNED: &[&str] = &[HOME_READY, STORAGE_WITHIN_QUOTA];
+const OWNED: &[&str] = &[HOME_READY, KEYS_READY, STORAGE_WITHIN_QUOTA];
 
 const MIB: u64 = 1024 * 1024;
 
@@ -106,7 +111,8 @@ async fn ensure(
         ssh_keys: container.spec.ssh_keys.clone(),
     };
     let conditions = container.conditions();
-    let reported_ready = condition::is_true(conditions, HOME_READY);
+    let reported_ready =
+        condition::is_true(conditions, HOME_READY) && condition::is_true(conditions, KEYS_READY);
     let up_to_date = state.ensured.get(&uid) == Some(&spec) && reported_ready;
     if up_to_date && !full && state.measured.contains_key(&uid) {
         return true;
@@ -133,13 +139,21 @@ async fn ensure(
             if let Some(path) = &report.unexpected_distros {
                 warn!(uid, path = %path.display(), "a container that is not a storage container has a distros entry; left alone");
             }
-            state.ensured.insert(uid, spec);
+            let keys = keys_condition(&report.keys);
+            if let Err(error) = &report.keys {
+                warn!(uid, %error, "sshKeys not applied; the home and its container are not affected");
+            } else {
+                // Only a home whose keys are right is skipped until the next resync; a key
+                // problem (say, a hand-made file the customer is about to remove) is retried.
+                state.ensured.insert(uid, spec);
+            }
             desired.push(DesiredCondition::new(
                 HOME_READY,
                 true,
                 HOME_READY_REASON,
                 format!("home {} is ready", report.home.display()),
             ));
+            desired.push(keys);
             true
         }
         Err(error) => {
@@ -196,12 +210,37 @@ async fn measure(ctx: &Context, container: &Container, uid: u32) -> Option<Desir
     })
 }
 
+/// `KeysReady` from what became of the keys.
+fn keys_condition(keys: &Result<KeysOutcome, HomeError>) -> DesiredCondition {
+    let (status, reason, message) = match keys {
+        Ok(KeysOutcome::Applied { keys: 0 }) => (
+            true,
+            KEYS_APPLIED_REASON,
+            "no sshKeys, and no authorized_keys written by the operator".to_owned(),
+        ),
+        Ok(KeysOutcome::Applied { keys }) => (
+            true,
+            KEYS_APPLIED_REASON,
+            format!("{keys} key(s) in .ssh/authorized_keys"),
+        ),
+        Ok(KeysOutcome::HandMade) => (
+            true,
+            "HandMadeKeysKept",
+            "no sshKeys; .ssh/authorized_keys was written in the container and is left as it is"
+                .to_owned(),
+        ),
+        Err(error) => (false, home_error_reason(error), error.to_string()),
+    };
+    DesiredCondition::new(KEYS_READY, status, reason, message)
+}
+
 fn home_error_reason(error: &HomeError) -> &'static str {
     match error {
         HomeError::Symlink { .. } => "SymlinkRefused",
         HomeError::NotADirectory { .. } | HomeError::NotARegularFile { .. } => "UnexpectedFileType",
         HomeError::Path(_) => "InvalidPath",
-        HomeError::InvalidSshKey { .. } => "InvalidSshKey",
+        HomeError::InvalidSshKey(_) => "InvalidSshKey",
+        HomeError::HandMadeKeys { .. } => "HandMadeKeysFile",
         HomeError::MountPoint { .. } => "MountPointRefused",
         HomeError::ArchiveExists { .. } => "ArchiveExists",
         HomeError::NotOwned { .. } => "NotOwned",

@@ -31,6 +31,7 @@ use rustix::fs::{
 use rustix::io::Errno;
 use uwsgi_it_domain::distro::{EMPEROR_CANDIDATES, MAX_ROOT_DIRECTORIES, is_root_directory_name};
 use uwsgi_it_domain::paths::{self, PathError};
+use uwsgi_it_domain::ssh_keys::{self, SshKeyError};
 
 /// Mode of `homeRoot` when the agent creates it: others may traverse to their own home (the
 /// kubelet and the container runtime need that) but not list the uids.
@@ -89,8 +90,13 @@ const DIR_OPEN: OFlags = OFlags::RDONLY
 pub enum HomeError {
     #[error(transparent)]
     Path(#[from] PathError),
-    #[error("sshKeys[{index}]: contains a line break or NUL byte; each key must be one line")]
-    InvalidSshKey { index: usize },
+    #[error(transparent)]
+    InvalidSshKey(#[from] SshKeyError),
+    #[error(
+        "{}: was not written by the operator (it lacks the operator's first line), so sshKeys are not applied over it; remove it to let sshKeys manage the keys, or empty sshKeys to keep it",
+        .path.display()
+    )]
+    HandMadeKeys { path: PathBuf },
     #[error("{}: is a symbolic link; refusing to follow it", .path.display())]
     Symlink { path: PathBuf },
     #[error("{}: is a {found}, expected a directory", .path.display())]
@@ -147,8 +153,9 @@ pub struct HomeSpec {
     pub uid: u32,
     /// `customDistrosStorage`: the home gets a `distros/` directory.
     pub storage_container: bool,
-    /// `sshKeys`, one per line of `authorized_keys`. Surrounding whitespace is trimmed and blank
-    /// entries are dropped; an empty list removes `authorized_keys`.
+    /// `sshKeys`, one per line of `authorized_keys` (see `uwsgi_it_domain::ssh_keys`). Blank
+    /// entries are dropped; an empty list removes an `authorized_keys` the agent wrote and leaves
+    /// one the customer wrote.
     pub ssh_keys: Vec<String>,
 }
 
@@ -197,7 +204,7 @@ impl std::fmt::Display for HomeChange {
 }
 
 /// The outcome of [`Homes::ensure`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct HomeReport {
     /// `<homeRoot>/<uid>`.
     pub home: PathBuf,
@@ -206,6 +213,18 @@ pub struct HomeReport {
     /// Set when a container that is not a storage container has a `distros/` entry. It is left
     /// alone (it may be customer data, or the flag was just turned off) but worth reporting.
     pub unexpected_distros: Option<PathBuf>,
+    /// What became of `sshKeys`. A key problem is reported on its own and never makes the home
+    /// fail: the home, and the Pod that uses it, do not depend on the keys.
+    pub keys: Result<KeysOutcome, HomeError>,
+}
+
+/// `authorized_keys` after [`Homes::ensure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeysOutcome {
+    /// It holds the `sshKeys` (this many), or there are none and neither is there a file.
+    Applied { keys: usize },
+    /// `sshKeys` is empty and the file is the customer's own: left as it is.
+    HandMade,
 }
 
 impl HomeReport {
@@ -310,7 +329,7 @@ impl Homes {
         let ssh = paths::ssh_dir(&self.root, uid)?;
         let keys_path = paths::authorized_keys(&self.root, uid)?;
         let distros = paths::distros_dir(&self.root, uid)?;
-        let keys = authorized_keys_content(&spec.ssh_keys)?;
+        let keys = ssh_keys::parse_keys(&spec.ssh_keys);
         let owner = Some((uid, uid));
 
         let mut changes = Vec::new();
@@ -340,10 +359,12 @@ impl Homes {
             }
         }
 
-        let ssh_fd = ensure_dir(home_fd.as_fd(), &ssh, SSH_DIR_MODE, owner, &mut changes)?;
-        sync_authorized_keys(ssh_fd.as_fd(), &keys_path, &keys, uid, &mut changes)?;
-        // After the keys: a layout directory that cannot be made (the customer raced it, the
-        // disk is full) must not stop key changes from applying.
+        // A bad key is refused before `.ssh` is touched; whatever goes wrong with the keys, the
+        // rest of the home is still made.
+        let keys = keys.map_err(HomeError::from).and_then(|keys| {
+            let ssh_fd = ensure_dir(home_fd.as_fd(), &ssh, SSH_DIR_MODE, owner, &mut changes)?;
+            sync_authorized_keys(ssh_fd.as_fd(), &keys_path, &keys, uid, &mut changes)
+        });
         for name in LAYOUT {
             create_if_missing(
                 home_fd.as_fd(),
@@ -358,6 +379,7 @@ impl Homes {
             home,
             changes,
             unexpected_distros,
+            keys,
         })
     }
 
@@ -747,33 +769,24 @@ fn executable_in_tree(tree_fd: BorrowedFd<'_>, relative: &str) -> bool {
         })
 }
 
-/// The content of `authorized_keys`: one key a line.
-fn authorized_keys_content(keys: &[String]) -> Result<Vec<u8>, HomeError> {
-    let mut content = Vec::new();
-    for (index, key) in keys.iter().enumerate() {
-        // A line break would let one sshKeys entry add a second key, or sshd options, that the
-        // API never showed as a separate entry.
-        if key.contains(['\n', '\r', '\0']) {
-            return Err(HomeError::InvalidSshKey { index });
-        }
-        let key = key.trim();
-        if !key.is_empty() {
-            content.extend_from_slice(key.as_bytes());
-            content.push(b'\n');
-        }
-    }
-    Ok(content)
-}
-
+/// Makes `authorized_keys` hold `keys`, touching only a file the agent wrote (see
+/// `uwsgi_it_domain::ssh_keys::is_managed`).
 fn sync_authorized_keys(
     ssh_fd: BorrowedFd<'_>,
     path: &Path,
-    content: &[u8],
+    keys: &[ssh_keys::KeyLine],
     uid: u32,
     changes: &mut Vec<HomeChange>,
-) -> Result<(), HomeError> {
-    let current = read_small_regular_file(ssh_fd, path, content.len())?;
+) -> Result<KeysOutcome, HomeError> {
+    let content = ssh_keys::authorized_keys_content(keys);
+    let current = read_small_regular_file(ssh_fd, path, MAX_KEYS_FILE_READ)?;
+    let hand_made = current
+        .as_ref()
+        .is_some_and(|(bytes, _)| !ssh_keys::is_managed(bytes, keys));
     if content.is_empty() {
+        if hand_made {
+            return Ok(KeysOutcome::HandMade);
+        }
         // No keys: no file, rather than an empty one, so "no keys" has one representation.
         if current.is_some() {
             match unlinkat(ssh_fd, AUTHORIZED_KEYS, AtFlags::empty()) {
@@ -785,7 +798,12 @@ fn sync_authorized_keys(
                 path: path.to_owned(),
             });
         }
-        return Ok(());
+        return Ok(KeysOutcome::Applied { keys: 0 });
+    }
+    if hand_made {
+        return Err(HomeError::HandMadeKeys {
+            path: path.to_owned(),
+        });
     }
     let up_to_date = current.is_some_and(|(bytes, stat)| {
         bytes == content
@@ -796,23 +814,26 @@ fn sync_authorized_keys(
             // file makes sure the agent's writes only ever reach a file it created.
             && link_count(&stat) == 1
     });
-    if up_to_date {
-        return Ok(());
+    if !up_to_date {
+        write_atomically(ssh_fd, path, &content, uid)?;
+        changes.push(HomeChange::WroteAuthorizedKeys {
+            path: path.to_owned(),
+            keys: keys.len(),
+        });
     }
-    write_atomically(ssh_fd, path, content, uid)?;
-    changes.push(HomeChange::WroteAuthorizedKeys {
-        path: path.to_owned(),
-        keys: content.iter().filter(|b| **b == b'\n').count(),
-    });
-    Ok(())
+    Ok(KeysOutcome::Applied { keys: keys.len() })
 }
 
-/// Reads `authorized_keys` if it is a regular file, at most `expected_len + 1` bytes (enough to
-/// tell whether it differs). A symlink or anything else is refused.
+/// Enough of an existing `authorized_keys` to compare it with the largest file the agent writes
+/// (64 keys of 8 KiB and the header) and to see the header of any other.
+const MAX_KEYS_FILE_READ: usize = 64 * 8 * 1024 + 1024;
+
+/// Reads `authorized_keys` if it is a regular file, at most `limit + 1` bytes (enough to tell
+/// whether it differs from anything of `limit` bytes). A symlink or anything else is refused.
 fn read_small_regular_file(
     dir: BorrowedFd<'_>,
     path: &Path,
-    expected_len: usize,
+    limit: usize,
 ) -> Result<Option<(Vec<u8>, Stat)>, HomeError> {
     // NONBLOCK: a FIFO planted by the customer must not hang the agent.
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
@@ -839,7 +860,7 @@ fn read_small_regular_file(
     }
     let mut bytes = Vec::new();
     File::from(fd)
-        .take(expected_len as u64 + 1)
+        .take(limit as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| HomeError::std_io(path, "read", e))?;
     Ok(Some((bytes, stat)))
@@ -1218,26 +1239,6 @@ mod tests {
         // No overflow for huge reservations or usage.
         assert!(!threshold_crossed(u64::MAX, u64::MAX, 100));
         assert!(threshold_crossed(u64::MAX, 1, 100));
-    }
-
-    #[test]
-    fn keys_are_one_a_line_and_line_breaks_are_refused() {
-        let keys = vec![
-            " ssh-ed25519 AAAA a@b ".to_owned(),
-            String::new(),
-            "ssh-rsa BBBB".to_owned(),
-        ];
-        assert_eq!(
-            authorized_keys_content(&keys).unwrap(),
-            b"ssh-ed25519 AAAA a@b\nssh-rsa BBBB\n"
-        );
-        assert!(authorized_keys_content(&[]).unwrap().is_empty());
-        for bad in ["a\nb", "a\rb", "a\0b"] {
-            let keys = vec!["ok".to_owned(), bad.to_owned()];
-            let error = authorized_keys_content(&keys).unwrap_err();
-            assert!(matches!(error, HomeError::InvalidSshKey { index: 1 }));
-            assert!(error.to_string().starts_with("sshKeys[1]:"), "{error}");
-        }
     }
 
     #[test]

@@ -18,9 +18,10 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::*;
-use uwsgi_it_api::condition::{HOME_READY, PROGRAMMED};
+use uwsgi_it_api::condition::{HOME_READY, KEYS_READY, PROGRAMMED};
 use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
 use uwsgi_it_testbed::netns::{Netns, UdpFlow, tcp_exchange};
+use uwsgi_it_testbed::ssh_keys;
 
 const PUBLIC_PORT: u16 = 9000;
 const PRIVATE_PORT: u16 = 8000;
@@ -41,7 +42,7 @@ async fn seed_example(world: &World) -> SocketAddrV4 {
             "spec": {
                 "server": node.public.to_string(), "memory": 1000, "storage": 20000,
                 "distro": "bookworm",
-                "sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHydraExampleKeyOnlyForTheDocs alice@example"],
+                "sshKeys": [ssh_keys::ALICE],
             },
         }),
     )
@@ -432,7 +433,7 @@ async fn homes_follow_their_containers_with_written_controller_status() {
     let world = World::new(plane, Backend::Nftables, 1, vec![PRIVATE_PORT]).await;
     let mut agent = world.start_agent(1);
     let node = world.node(1);
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIStorageKey bob@example";
+    let key = ssh_keys::BOB;
     for (name, storage_container, uid) in [("storage", true, 30010u32), ("web", false, 30011)] {
         create(
             &world.containers(),
@@ -460,11 +461,11 @@ async fn homes_follow_their_containers_with_written_controller_status() {
     assert!(storage_home.join("distros").is_dir());
     assert!(!web_home.join("distros").exists());
     let keys = std::fs::read_to_string(web_home.join(".ssh/authorized_keys")).unwrap();
-    assert_eq!(keys.trim(), key);
+    assert_eq!(keys.lines().skip(1).collect::<Vec<_>>(), [key]);
     assert_eq!(agent.metrics.homes(), 2);
 
     // sshKeys are applied hot.
-    let new_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINewKey carol@example";
+    let new_key = ssh_keys::CAROL;
     world
         .containers()
         .patch(
@@ -476,9 +477,39 @@ async fn homes_follow_their_containers_with_written_controller_status() {
         .unwrap();
     eventually("the new key written", || async {
         let keys = std::fs::read_to_string(web_home.join(".ssh/authorized_keys")).ok()?;
-        (keys.trim() == new_key).then_some(())
+        (keys.lines().skip(1).collect::<Vec<_>>() == [new_key]).then_some(())
     })
     .await;
+    let applied = condition_where(&world.containers(), "web", KEYS_READY, |c| {
+        c.status == "True"
+    })
+    .await;
+    assert_eq!(applied.message, "1 key(s) in .ssh/authorized_keys");
+
+    // A file the customer wrote itself is the customer's: sshKeys do not overwrite it, and the
+    // refusal is the keys' own condition, the home stays ready.
+    let keys_file = web_home.join(".ssh/authorized_keys");
+    std::fs::write(&keys_file, format!("{}\n", ssh_keys::ALICE)).unwrap();
+    world
+        .containers()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sshKeys": [ssh_keys::BOB]}})),
+        )
+        .await
+        .unwrap();
+    let refused = condition_where(&world.containers(), "web", KEYS_READY, |c| {
+        c.status == "False"
+    })
+    .await;
+    assert_eq!(refused.reason, "HandMadeKeysFile", "{refused:?}");
+    let home = condition_where(&world.containers(), "web", HOME_READY, |_| true).await;
+    assert_eq!(home.status, "True", "{home:?}");
+    assert_eq!(
+        std::fs::read_to_string(&keys_file).unwrap(),
+        format!("{}\n", ssh_keys::ALICE)
+    );
 
     // Storage use: 1 MB reserved, warning at 50 %; a 700 KiB file crosses it.
     std::fs::write(web_home.join("big"), vec![7u8; 700 * 1024]).unwrap();
@@ -576,7 +607,7 @@ async fn a_planted_symlink_is_refused_and_nothing_outside_changes() {
             "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container",
             "metadata": {"name": "victim", "namespace": world.namespace},
             "spec": {"server": node.name, "memory": 100, "storage": 100, "customDistrosStorage": true,
-                     "sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEvil mallory@example"]},
+                     "sshKeys": [ssh_keys::MALLORY]},
         }),
     )
     .await;

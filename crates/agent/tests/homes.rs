@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 use uwsgi_it_agent::homes::{
-    ArchiveOutcome, HomeChange, HomeError, HomeSpec, Homes, Retention, UsageLimits,
+    ArchiveOutcome, HomeChange, HomeError, HomeSpec, Homes, KeysOutcome, Retention, UsageLimits,
 };
+use uwsgi_it_domain::ssh_keys::{KeyLineProblem, MANAGED_HEADER, SshKeyError};
+use uwsgi_it_testbed::ssh_keys;
 
 const UID: u32 = 30001;
 const MIB: u64 = 1024 * 1024;
-const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA alice@example";
-const KEY_B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB bob@example";
+const KEY_A: &str = ssh_keys::ALICE;
+const KEY_B: &str = ssh_keys::BOB;
 
 struct Fixture {
     _tmp: TempDir,
@@ -276,7 +278,11 @@ fn keys_are_written_rewritten_on_change_and_removed_when_empty() {
         path: keys.clone(),
         keys: 1
     }));
-    assert_eq!(fs::read_to_string(&keys).unwrap(), format!("{KEY_A}\n"));
+    assert_eq!(report.keys.unwrap(), KeysOutcome::Applied { keys: 1 });
+    assert_eq!(
+        fs::read_to_string(&keys).unwrap(),
+        format!("{MANAGED_HEADER}\n{KEY_A}\n")
+    );
     assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
     assert!(f.homes.ensure(&spec(false, &[KEY_A])).unwrap().unchanged());
 
@@ -290,7 +296,7 @@ fn keys_are_written_rewritten_on_change_and_removed_when_empty() {
     );
     assert_eq!(
         fs::read_to_string(&keys).unwrap(),
-        format!("{KEY_A}\n{KEY_B}\n")
+        format!("{MANAGED_HEADER}\n{KEY_A}\n{KEY_B}\n")
     );
     assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
     // No temp file left behind.
@@ -320,33 +326,109 @@ fn a_tampered_keys_file_is_replaced_not_modified() {
     assert!(!f.homes.ensure(&spec(false, &[KEY_A])).unwrap().unchanged());
     assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
 
-    // A hard link to a file outside: the agent must write a new file, never into the linked one.
+    // A hard link to a file outside that looks like the agent's own: the agent must write a new
+    // file, never into the linked one. (One without the header is not touched at all: see
+    // a_hand_made_keys_file_is_never_replaced_or_removed.)
     let outside = f.outside_file();
+    fs::write(&outside, format!("{MANAGED_HEADER}\n{KEY_B}\n")).unwrap();
     let before = snapshot(&f.outside);
     fs::remove_file(&keys).unwrap();
     fs::hard_link(&outside, &keys).unwrap();
-    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    f.homes
+        .ensure(&spec(false, &[KEY_A]))
+        .unwrap()
+        .keys
+        .unwrap();
     assert_eq!(snapshot(&f.outside), before);
-    assert_eq!(fs::read_to_string(&keys).unwrap(), format!("{KEY_A}\n"));
+    assert_eq!(
+        fs::read_to_string(&keys).unwrap(),
+        format!("{MANAGED_HEADER}\n{KEY_A}\n")
+    );
     assert_eq!(owner_mode(&keys), (UID, UID, 0o600));
     assert_eq!(fs::metadata(&keys).unwrap().nlink(), 1);
 }
 
 #[test]
-fn keys_with_line_breaks_are_refused_before_anything_changes() {
+fn a_bad_key_changes_no_key_but_the_home_is_still_made() {
     let f = Fixture::new();
-    let error = f
-        .homes
-        .ensure(&spec(
-            false,
-            &[KEY_A, "ssh-rsa AAAA\ncommand=\"sh\" ssh-rsa BBBB"],
-        ))
-        .unwrap_err();
+    f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    let keys = f.home().join(".ssh/authorized_keys");
+    let before = fs::read(&keys).unwrap();
+    for (bad, problem) in [
+        (
+            format!("{KEY_B}\ncommand=\"sh\" {KEY_B}"),
+            KeyLineProblem::ControlCharacter,
+        ),
+        (
+            format!("command=\"sh\" {KEY_B}"),
+            KeyLineProblem::UnknownType {
+                found: "command=\"sh\"".into(),
+            },
+        ),
+    ] {
+        let report = f.homes.ensure(&spec(false, &[KEY_B, &bad])).unwrap();
+        let error = report.keys.unwrap_err();
+        assert!(
+            matches!(&error, HomeError::InvalidSshKey(e) if *e == SshKeyError { index: 1, problem: problem.clone() }),
+            "{error:?}"
+        );
+        assert!(error.to_string().starts_with("sshKeys[1]: "), "{error}");
+        assert_eq!(fs::read(&keys).unwrap(), before, "no key changed");
+    }
+
+    // A new home with a bad key: the home and its layout exist, the keys do not.
+    let other = Fixture::new();
+    let report = other.homes.ensure(&spec(false, &["ssh-rsa AAAA"])).unwrap();
+    assert!(report.keys.is_err());
+    assert!(other.home().join("vassals").is_dir());
+    assert!(!other.home().join(".ssh").exists());
+}
+
+#[test]
+fn a_hand_made_keys_file_is_never_replaced_or_removed() {
+    let f = Fixture::new();
+    f.homes.ensure(&spec(false, &[])).unwrap();
+    let ssh = f.home().join(".ssh");
+    fs::create_dir_all(&ssh).unwrap();
+    let keys = ssh.join("authorized_keys");
+    let own = format!("{KEY_B}\n# my own\n");
+    fs::write(&keys, &own).unwrap();
+
+    // No sshKeys: the customer's file stays.
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert_eq!(report.keys.unwrap(), KeysOutcome::HandMade);
+    assert_eq!(fs::read_to_string(&keys).unwrap(), own);
+
+    // sshKeys set: refused, named, and the file stays.
+    let report = f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    let error = report.keys.unwrap_err();
     assert!(
-        matches!(error, HomeError::InvalidSshKey { index: 1 }),
+        matches!(&error, HomeError::HandMadeKeys { path } if *path == keys),
         "{error:?}"
     );
-    assert!(!f.root.exists());
+    assert!(error.to_string().contains("remove it"), "{error}");
+    assert_eq!(fs::read_to_string(&keys).unwrap(), own);
+
+    // Removed by the customer: sshKeys now manage it.
+    fs::remove_file(&keys).unwrap();
+    let report = f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    assert_eq!(report.keys.unwrap(), KeysOutcome::Applied { keys: 1 });
+
+    // What an earlier agent wrote (the same lines, no header) is recognised as its own and
+    // gets the header, so later changes apply.
+    fs::write(&keys, format!("{KEY_A}\n")).unwrap();
+    let report = f.homes.ensure(&spec(false, &[KEY_A])).unwrap();
+    assert_eq!(report.keys.unwrap(), KeysOutcome::Applied { keys: 1 });
+    assert!(
+        fs::read_to_string(&keys)
+            .unwrap()
+            .starts_with(MANAGED_HEADER)
+    );
+    let report = f.homes.ensure(&spec(false, &[KEY_A, KEY_B])).unwrap();
+    assert_eq!(report.keys.unwrap(), KeysOutcome::Applied { keys: 2 });
+    let report = f.homes.ensure(&spec(false, &[])).unwrap();
+    assert_eq!(report.keys.unwrap(), KeysOutcome::Applied { keys: 0 });
+    assert!(!keys.exists());
 }
 
 #[test]
@@ -406,7 +488,12 @@ fn a_symlinked_ssh_dir_is_refused_and_the_target_untouched() {
     symlink(&target, &ssh).unwrap();
     let before = snapshot(&f.outside);
 
-    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    let error = f
+        .homes
+        .ensure(&spec(false, &[KEY_A]))
+        .unwrap()
+        .keys
+        .unwrap_err();
     assert_symlink_error(error, &ssh);
     assert_eq!(snapshot(&f.outside), before);
     assert!(!target.join("authorized_keys").exists());
@@ -424,7 +511,12 @@ fn a_symlinked_keys_file_is_refused_and_the_target_untouched() {
     let before = snapshot(&f.outside);
 
     for key_list in [&[KEY_B][..], &[]] {
-        let error = f.homes.ensure(&spec(false, key_list)).unwrap_err();
+        let error = f
+            .homes
+            .ensure(&spec(false, key_list))
+            .unwrap()
+            .keys
+            .unwrap_err();
         assert_symlink_error(error, &keys);
         assert_eq!(snapshot(&f.outside), before);
         assert_eq!(fs::read_to_string(&target).unwrap(), "outside content\n");
@@ -474,7 +566,12 @@ fn a_file_where_a_directory_belongs_is_refused_with_its_kind() {
     let ssh = f.home().join(".ssh");
     fs::remove_dir(&ssh).unwrap();
     fs::write(&ssh, "not a dir").unwrap();
-    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    let error = f
+        .homes
+        .ensure(&spec(false, &[KEY_A]))
+        .unwrap()
+        .keys
+        .unwrap_err();
     assert!(
         matches!(&error, HomeError::NotADirectory { path, found: "regular file" } if *path == ssh),
         "{error:?}"
@@ -488,7 +585,12 @@ fn a_fifo_as_keys_file_is_refused_without_hanging() {
     f.homes.ensure(&spec(false, &[])).unwrap();
     let keys = f.home().join(".ssh/authorized_keys");
     mkfifo(&keys);
-    let error = f.homes.ensure(&spec(false, &[KEY_A])).unwrap_err();
+    let error = f
+        .homes
+        .ensure(&spec(false, &[KEY_A]))
+        .unwrap()
+        .keys
+        .unwrap_err();
     assert!(
         matches!(&error, HomeError::NotARegularFile { path, found: "FIFO" } if *path == keys),
         "{error:?}"
@@ -530,7 +632,7 @@ fn archive_moves_the_home_with_its_files() {
     );
     assert_eq!(
         fs::read_to_string(archived.join(".ssh/authorized_keys")).unwrap(),
-        format!("{KEY_A}\n")
+        format!("{MANAGED_HEADER}\n{KEY_A}\n")
     );
     assert_eq!(owner_mode(&archived), (UID, UID, 0o700));
     assert_eq!(owner_mode(&f.root.join(".archive")), (0, 0, 0o700));

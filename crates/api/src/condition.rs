@@ -11,6 +11,9 @@ pub const READY: &str = "Ready";
 pub const ADMITTED: &str = "Admitted";
 /// Container: the home directory exists on the server (agent).
 pub const HOME_READY: &str = "HomeReady";
+/// Container: `.ssh/authorized_keys` holds the `sshKeys` (agent). Separate from `HomeReady`:
+/// a key problem never stops the container.
+pub const KEYS_READY: &str = "KeysReady";
 /// Container: the workload Pod is running (controller).
 pub const RUNNING: &str = "Running";
 /// PortMapping and CustomDistro: the controller accepted it.

@@ -88,8 +88,13 @@ pub struct ContainerSpec {
     pub custom_distros_storage: bool,
 
     /// SSH public keys written to the home's .ssh/authorized_keys; applied without a restart.
+    /// Each entry is one public key line as ssh-keygen prints it: "<type> <base64> [comment]",
+    /// with no authorized_keys options and no line break.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 16384)))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 8192)))]
+    #[x_kube(validation = Rule::new(r#"self.all(k, k.matches(r'^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com|ssh-dss) [A-Za-z0-9+/]+={0,2}( [^\x00-\x1f\x7f]*)?$'))"#).message(
+        "each sshKeys entry must be one SSH public key line: a key type (ssh-ed25519, ssh-rsa, ecdsa-sha2-nistp256/384/521, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com, ssh-dss), one space, the base64 key, optionally a comment; no options, no line breaks"
+    ))]
     pub ssh_keys: Vec<String>,
 
     /// Free-form tags for the customer's own bookkeeping.

@@ -12,3 +12,4 @@ pub mod forwarding;
 pub mod identity;
 pub mod paths;
 pub mod ports;
+pub mod ssh_keys;

@@ -8,3 +8,4 @@ pub mod kubelet;
 pub mod netns;
 pub mod real_cluster;
 pub mod servers;
+pub mod ssh_keys;
