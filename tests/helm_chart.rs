@@ -341,13 +341,17 @@ fn default_config_is_what_the_programs_expect() {
         value["distros"],
         json!({"bookworm": "registry.example.invalid/uwsgi-it-distro-bookworm:0.1.0"})
     );
-    // The NodePort range and the kubelet/kube-proxy ports, plus the agent's own host port.
-    for port in [
-        30000, 31000, 32767, 10249, 10250, 10255, 10256, 10257, 10259, 9180,
-    ] {
-        assert!(config.reserved_ports.contains(port), "{port} not reserved");
-    }
-    assert!(!config.reserved_ports.contains(8080));
+    // values.yaml lists the programs' own defaults (every infrastructure port, with why), plus
+    // the agent's own host port; publicPorts is the programs' default too.
+    assert_eq!(
+        config.port_policy,
+        uwsgi_it_domain::ports::PortPolicy::default(),
+        "values.yaml's publicPorts/reservedPorts drifted from DEFAULT_RESERVED_PORTS"
+    );
+    assert!(config.port_policy.reserved.contains(9180));
+    assert!(!config.port_policy.reserved.contains(8080));
+    assert_eq!(config.port_forward.command_timeout, Duration::from_secs(10));
+    assert_eq!(config.port_forward.max_sync_age, Duration::from_secs(140));
     assert_eq!(config.home_retention, HomeRetention::Archive);
     assert_eq!(config.port_forward.backend, ForwardingBackend::Nftables);
     assert_eq!(config.port_forward.resync_period, Duration::from_secs(30));
@@ -399,8 +403,8 @@ fn non_default_values_reach_every_object() {
     assert_eq!(config.home_retention, HomeRetention::Delete);
     assert_eq!(config.port_forward.backend, ForwardingBackend::Iptables);
     assert_eq!(config.port_forward.resync_period, Duration::from_secs(120));
-    assert!(config.reserved_ports.contains(8050));
-    assert!(!config.reserved_ports.contains(30000));
+    assert!(config.port_policy.reserved.contains(8050));
+    assert!(!config.port_policy.reserved.contains(30000));
 
     let ds = manifests.get("DaemonSet", "hosting-agent");
     let pod = &ds["spec"]["template"]["spec"];

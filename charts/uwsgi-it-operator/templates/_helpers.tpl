@@ -82,6 +82,7 @@ distros: {}
 {{- if $c.customDistroImage }}
 customDistroImage: {{ $c.customDistroImage | toString | toJson }}
 {{- end }}
+publicPorts: {{ $c.publicPorts | toString | toJson }}
 reservedPorts:
 {{- range $c.reservedPorts }}
   - {{ . | toString | toJson }}
@@ -90,6 +91,10 @@ reservedPorts:
 portForward:
   backend: {{ $c.portForward.backend | toString | toJson }}
   resyncPeriod: {{ $c.portForward.resyncPeriod | toString | toJson }}
+  commandTimeout: {{ $c.portForward.commandTimeout | toString | toJson }}
+{{- with $c.portForward.maxSyncAge }}
+  maxSyncAge: {{ . | toString | toJson }}
+{{- end }}
 logLevel: {{ $c.logLevel | toString | toJson }}
 customerClusterRole: {{ $c.customerClusterRole | toString | toJson }}
 uidStore: {{ $c.uidStore | toString | toJson }}

@@ -44,10 +44,25 @@ impl NetworkNamespace {
         &self,
         open: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        let Some(path) = self.path() else {
+        if self.path().is_none() {
             return open();
-        };
+        }
         let runtime = tokio::runtime::Handle::current();
+        self.run_blocking(move || {
+            let _runtime = runtime.enter();
+            open()
+        })
+    }
+
+    /// Runs `work` inside this namespace: here for the current one, else on a short-lived
+    /// thread that enters it first (so `/proc/thread-self/net` is the namespace's). Blocks.
+    pub(crate) fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let Some(path) = self.path() else {
+            return work();
+        };
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path)?;
             // SAFETY: setns only reads the descriptor, which `file` keeps open for the call; it
@@ -55,8 +70,7 @@ impl NetworkNamespace {
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let _runtime = runtime.enter();
-            open()
+            work()
         })
         .join()
         .map_err(|_| std::io::Error::other("netns thread panicked"))?

@@ -6,6 +6,7 @@ pub mod homes;
 pub mod address;
 mod distro_sync;
 pub mod home_sync;
+pub mod listeners;
 pub mod metrics;
 pub mod reporter;
 pub mod scope;

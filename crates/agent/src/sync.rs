@@ -18,7 +18,7 @@
 //! an API outage (where the caches keep their last state) never writes an emptier ruleset than
 //! the one that is working.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,9 +30,11 @@ use tracing::{info, warn};
 use uwsgi_it_api::PortMapping;
 use uwsgi_it_api::condition::{self, ACCEPTED, PROGRAMMED};
 use uwsgi_it_domain::forwarding::{Forward, ForwardingRuleset, Ipv4Cidr, Protocol};
+use uwsgi_it_domain::ports::{MappingRefusal, PortPolicy};
 
 use crate::Context;
 use crate::address::{declared_public_address, discover_public_address};
+use crate::listeners::{self, Listener};
 use crate::reporter::DesiredCondition;
 use crate::scope::Caches;
 
@@ -59,6 +61,12 @@ pub enum Outcome {
     /// An earlier mapping holds the same protocol and public port (the controller refuses the
     /// later one; this only covers the moment before it has).
     Conflict { holder: String },
+    /// The public port is outside `publicPorts` or reserved: the agent checks the operator's
+    /// configuration itself, whatever the controller (or whoever wrote the status) accepted.
+    Refused(MappingRefusal),
+    /// A socket of the node already listens on the public port; a forward would take its
+    /// traffic.
+    HostListening(Listener),
 }
 
 impl Outcome {
@@ -93,6 +101,13 @@ impl Outcome {
                 "PortConflict",
                 format!("{holder} holds this protocol and public port on the node"),
             ),
+            Outcome::Refused(refusal) => false_(refusal.reason(), refusal.to_string()),
+            Outcome::HostListening(listener) => false_(
+                "HostListening",
+                format!(
+                    "a socket of the node already listens on {listener}; forwarding the port would take its traffic"
+                ),
+            ),
         }
     }
 }
@@ -106,8 +121,8 @@ pub struct ForwardingPlan {
 
 /// Decides which of the node's mappings are forwarded. Pure: the caller has already kept only
 /// this node's mappings. Earlier mappings (creation time, then namespace/name) win a port, as
-/// in the controller's admission.
-pub fn plan_forwards(mappings: &[Arc<PortMapping>]) -> ForwardingPlan {
+/// in the controller's admission; a port outside `policy` is never forwarded.
+pub fn plan_forwards(mappings: &[Arc<PortMapping>], policy: &PortPolicy) -> ForwardingPlan {
     let mut ordered: Vec<&Arc<PortMapping>> = mappings.iter().collect();
     ordered.sort_by_key(|m| {
         (
@@ -119,7 +134,7 @@ pub fn plan_forwards(mappings: &[Arc<PortMapping>]) -> ForwardingPlan {
     let mut holders: BTreeMap<(Protocol, u16), String> = BTreeMap::new();
     let mut plan = ForwardingPlan::default();
     for mapping in ordered {
-        let outcome = outcome_of(mapping, &mut holders);
+        let outcome = outcome_of(mapping, policy, &mut holders);
         if let Outcome::Forward(forward) = &outcome {
             plan.forwards.push(*forward);
         }
@@ -128,7 +143,36 @@ pub fn plan_forwards(mappings: &[Arc<PortMapping>]) -> ForwardingPlan {
     plan
 }
 
-fn outcome_of(mapping: &PortMapping, holders: &mut BTreeMap<(Protocol, u16), String>) -> Outcome {
+/// Takes out of `plan` every forward whose public port a socket of the node listens on (see
+/// [`listeners::blocking`]). Pure.
+pub fn exclude_listened(
+    plan: &mut ForwardingPlan,
+    listening: &BTreeSet<Listener>,
+    public: Ipv4Addr,
+) {
+    for (_, outcome) in &mut plan.verdicts {
+        if let Outcome::Forward(forward) = outcome
+            && let Some(listener) =
+                listeners::blocking(listening, forward.protocol, forward.public_port, public)
+        {
+            *outcome = Outcome::HostListening(*listener);
+        }
+    }
+    plan.forwards = plan
+        .verdicts
+        .iter()
+        .filter_map(|(_, outcome)| match outcome {
+            Outcome::Forward(forward) => Some(*forward),
+            _ => None,
+        })
+        .collect();
+}
+
+fn outcome_of(
+    mapping: &PortMapping,
+    policy: &PortPolicy,
+    holders: &mut BTreeMap<(Protocol, u16), String>,
+) -> Outcome {
     if mapping.meta().deletion_timestamp.is_some() {
         return Outcome::Deleting;
     }
@@ -150,6 +194,9 @@ fn outcome_of(mapping: &PortMapping, holders: &mut BTreeMap<(Protocol, u16), Str
             mapping.spec.public_port
         ));
     };
+    if let Some(refusal) = policy.refusal(public_port) {
+        return Outcome::Refused(refusal);
+    }
     let protocol = match mapping.spec.proto {
         uwsgi_it_api::Protocol::Tcp => Protocol::Tcp,
         uwsgi_it_api::Protocol::Udp => Protocol::Udp,
@@ -234,9 +281,27 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
     let started = Instant::now();
     let mappings = Caches::mine(&ctx.caches.mappings, &ctx.node);
     let node = ctx.caches.node.state().into_iter().next();
-    let plan = plan_forwards(&mappings);
+    let mut plan = plan_forwards(&mappings, &ctx.config.port_policy);
     let public = public_address(ctx, node.as_deref()).await;
     let networks = container_networks(node.as_deref(), &ctx.container_networks);
+    if let Some(address) = public
+        && !plan.forwards.is_empty()
+    {
+        let netns = ctx.netns.clone();
+        match tokio::task::spawn_blocking(move || listeners::read(&netns)).await {
+            Ok(Ok(listening)) => exclude_listened(&mut plan, &listening, address),
+            Ok(Err(error)) => {
+                // Without the node's sockets a new forward could take a service's port: keep
+                // what is programmed and try again on the next sync.
+                ctx.metrics.sync_failed(started.elapsed());
+                warn!(%error, "could not read the node's listening sockets; the previous rules stay in place");
+                let error = format!("could not read the node's listening sockets: {error}");
+                report(ctx, state, &plan, public, Some(&error)).await;
+                return;
+            }
+            Err(error) => warn!(%error, "listening-socket task failed"),
+        }
+    }
 
     let desired = match public {
         Some(address) => ForwardingRuleset::new([address], networks, plan.forwards.clone())
@@ -413,11 +478,14 @@ mod tests {
 
     #[test]
     fn the_earlier_mapping_keeps_a_port() {
-        let plan = plan_forwards(&[
-            mapping("late", 20, "tcp", 9000, Some("10.244.1.3:8000")),
-            mapping("early", 10, "tcp", 9000, Some("10.244.1.2:8000")),
-            mapping("udp", 30, "udp", 9000, Some("10.244.1.3:8000")),
-        ]);
+        let plan = plan_forwards(
+            &[
+                mapping("late", 20, "tcp", 9000, Some("10.244.1.3:8000")),
+                mapping("early", 10, "tcp", 9000, Some("10.244.1.2:8000")),
+                mapping("udp", 30, "udp", 9000, Some("10.244.1.3:8000")),
+            ],
+            &PortPolicy::default(),
+        );
         assert_eq!(plan.forwards.len(), 2);
         assert_eq!(
             plan.forwards[0].target,
@@ -439,15 +507,77 @@ mod tests {
 
     #[test]
     fn unusable_mappings_are_left_out_with_a_reason() {
-        let plan = plan_forwards(&[
-            mapping("no-target", 1, "tcp", 9000, None),
-            mapping("loopback", 2, "tcp", 9001, Some("127.0.0.1:8000")),
-            mapping("garbage", 3, "tcp", 9002, Some("hydra:8000")),
-        ]);
+        let plan = plan_forwards(
+            &[
+                mapping("no-target", 1, "tcp", 9000, None),
+                mapping("loopback", 2, "tcp", 9001, Some("127.0.0.1:8000")),
+                mapping("garbage", 3, "tcp", 9002, Some("hydra:8000")),
+            ],
+            &PortPolicy::default(),
+        );
         assert!(plan.forwards.is_empty());
         assert_eq!(plan.verdicts[0].1, Outcome::WaitingForTarget);
         assert!(matches!(plan.verdicts[1].1, Outcome::InvalidTarget(_)));
         assert!(matches!(plan.verdicts[2].1, Outcome::InvalidTarget(_)));
+    }
+
+    #[test]
+    fn reserved_and_out_of_range_ports_are_never_forwarded() {
+        let plan = plan_forwards(
+            &[
+                mapping("apiserver", 1, "tcp", 6443, Some("10.244.1.2:8000")),
+                mapping("vxlan", 2, "udp", 8472, Some("10.244.1.2:8000")),
+                mapping("ssh", 3, "tcp", 22, Some("10.244.1.2:8000")),
+                mapping("web", 4, "tcp", 9000, Some("10.244.1.2:8000")),
+            ],
+            &PortPolicy::default(),
+        );
+        assert_eq!(plan.forwards.len(), 1, "{plan:?}");
+        assert_eq!(plan.forwards[0].public_port, 9000);
+        let reasons: Vec<_> = plan
+            .verdicts
+            .iter()
+            .map(|(_, o)| o.condition(None).reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "ReservedPort",
+                "ReservedPort",
+                "PortOutOfRange",
+                "Programmed"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_port_the_node_listens_on_is_taken_out_of_the_plan() {
+        let mut plan = plan_forwards(
+            &[
+                mapping("taken", 1, "tcp", 9000, Some("10.244.1.2:8000")),
+                mapping("free", 2, "tcp", 9001, Some("10.244.1.2:8000")),
+            ],
+            &PortPolicy::default(),
+        );
+        let listener = Listener {
+            protocol: Protocol::Tcp,
+            address: "0.0.0.0".parse().unwrap(),
+            port: 9000,
+        };
+        exclude_listened(
+            &mut plan,
+            &BTreeSet::from([listener]),
+            "203.0.113.10".parse().unwrap(),
+        );
+        assert_eq!(plan.forwards.len(), 1);
+        assert_eq!(plan.forwards[0].public_port, 9001);
+        assert_eq!(plan.verdicts[0].1, Outcome::HostListening(listener));
+        let condition = plan.verdicts[0].1.condition(None);
+        assert_eq!(condition.reason, "HostListening");
+        assert!(
+            condition.message.contains("tcp 0.0.0.0:9000"),
+            "{condition:?}"
+        );
     }
 
     #[test]

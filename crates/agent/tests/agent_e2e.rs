@@ -147,6 +147,81 @@ async fn seed_example_reaches_the_container_iptables() {
     seed_example_reaches_the_container(Backend::Iptables).await;
 }
 
+/// A status that claims `Accepted` (a compromised controller or node, or a mapping accepted
+/// under an older configuration) still never gets an infrastructure port or a port a socket of
+/// the node listens on; the node's own service keeps its traffic and the other forwards work.
+#[tokio::test]
+async fn infrastructure_and_listened_ports_are_never_forwarded_whatever_the_status_says() {
+    let plane = plane_with_crds().await;
+    let world = World::new(plane, Backend::Nftables, 1, vec![PRIVATE_PORT]).await;
+    let mut agent = world.start_agent(1);
+    let target = seed_example(&world).await;
+    programmed(&world, "hydra-web").await;
+    let node = world.node(1);
+    let host_tcp = node
+        .netns
+        .enter(|| std::net::TcpListener::bind("0.0.0.0:9005"))
+        .unwrap()
+        .unwrap();
+    let _host_udp = node
+        .netns
+        .enter(|| std::net::UdpSocket::bind("0.0.0.0:9006"))
+        .unwrap()
+        .unwrap();
+    let attempts = [
+        ("apiserver", "tcp", 6443, "ReservedPort"),
+        ("etcd", "tcp", 2379, "ReservedPort"),
+        ("vxlan", "udp", 8472, "ReservedPort"),
+        ("vxlan-iana", "udp", 4789, "ReservedPort"),
+        ("geneve", "udp", 6081, "ReservedPort"),
+        ("wireguard", "udp", 51820, "ReservedPort"),
+        ("node-exporter", "tcp", 9100, "ReservedPort"),
+        ("memberlist", "tcp", 7946, "ReservedPort"),
+        ("kubelet", "tcp", 10250, "ReservedPort"),
+        ("nodeport", "tcp", 30080, "ReservedPort"),
+        ("host-tcp", "tcp", 9005, "HostListening"),
+        ("host-udp", "udp", 9006, "HostListening"),
+    ];
+    for (name, proto, port, _) in attempts {
+        create(
+            &world.mappings(),
+            json!({
+                "apiVersion": "uwsgi.it/v1alpha1", "kind": "PortMapping",
+                "metadata": {"name": name, "namespace": world.namespace},
+                "spec": {"container": "hydra", "proto": proto, "publicPort": port, "privatePort": PRIVATE_PORT},
+            }),
+        )
+        .await;
+        write_mapping_status_as_controller(&world, name, node, true, Some(target)).await;
+    }
+    for (name, proto, port, reason) in attempts {
+        let refused =
+            condition_where(&world.mappings(), name, PROGRAMMED, |c| c.status == "False").await;
+        assert_eq!(refused.reason, reason, "{proto}/{port}: {refused:?}");
+    }
+    agent.wait_ready().await;
+    assert_eq!(
+        agent.metrics.forwards_programmed(),
+        2,
+        "only hydra's own two"
+    );
+    // The node's own listener still gets its connections, and hydra's forward still works.
+    let public = node.public(9005);
+    let client = world.client_netns.clone();
+    let connect = std::thread::spawn(move || {
+        client.enter(move || std::net::TcpStream::connect_timeout(&public.into(), NET_PATIENCE))
+    });
+    let (_, peer) = host_tcp.accept().unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(CLIENT_ADDRESS));
+    connect.join().unwrap().unwrap().unwrap();
+    replies_from(
+        &tcp_ok(&world.client_netns, node.public(PUBLIC_PORT), "still"),
+        "still",
+        CLIENT_ADDRESS,
+    );
+    agent.stop().await.unwrap();
+}
+
 async fn deleting_a_mapping_stops_new_and_ongoing_traffic(backend: Backend) {
     let plane = plane_with_crds().await;
     let world = World::new(plane, backend, 1, vec![PRIVATE_PORT]).await;

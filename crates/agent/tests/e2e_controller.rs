@@ -473,7 +473,6 @@ fn operator_config(home_root: &Path, backend: Backend) -> OperatorConfig {
 distros:
   bookworm: docker.io/library/debian:bookworm-slim
 customDistroImage: uwsgi-it.local/distro-root:test
-reservedPorts: ['30000-32767', '10250']
 portForward:
   backend: {}
   resyncPeriod: 1s

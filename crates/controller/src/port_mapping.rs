@@ -205,7 +205,7 @@ pub async fn reconcile(mapping: Arc<PortMapping>, ctx: Arc<Context>) -> Result<A
         });
         records.insert(uid, record);
     }
-    let decisions = decide_mappings(&ctx.config.reserved_ports, &candidates);
+    let decisions = decide_mappings(&ctx.config.port_policy, &candidates);
 
     let by_key: HashMap<_, _> = mappings.iter().map(|m| (key_of(m.as_ref()), m)).collect();
     let mut releases = Vec::new();

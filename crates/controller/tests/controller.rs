@@ -445,6 +445,43 @@ async fn one_owner_per_public_port_across_customers() {
     );
     assert!(message.contains("30000-32767"), "{message}");
 
+    // Every port of the node's own infrastructure: the API server and etcd of a control-plane
+    // server, the overlays and WireGuard other nodes send to, exporters, memberlist, kubelet.
+    let infrastructure = [
+        ("apiserver", "tcp", 6443),
+        ("etcd", "tcp", 2379),
+        ("etcd-peer", "tcp", 2380),
+        ("vxlan", "udp", 8472),
+        ("vxlan-iana", "udp", 4789),
+        ("geneve", "udp", 6081),
+        ("wireguard", "udp", 51820),
+        ("node-exporter", "tcp", 9100),
+        ("memberlist", "tcp", 7946),
+        ("kubelet", "tcp", 10250),
+    ];
+    for (name, proto, port) in infrastructure {
+        second
+            .create(
+                &PostParams::default(),
+                &mapping(name, "web", proto, port, 80),
+            )
+            .await
+            .unwrap();
+    }
+    for (name, proto, port) in infrastructure {
+        let (status, reason, message) =
+            accepted(&wait_for(&second, name, |m| accepted(m).is_some()).await).unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "ReservedPort"),
+            "{proto}/{port}: {message}"
+        );
+        assert!(
+            message.contains(&format!("publicPort {port} is reserved")),
+            "{message}"
+        );
+    }
+
     // The owner still owns it: a later claim never steals the port.
     let owner = first.get("http").await.unwrap();
     assert_eq!(accepted(&owner).unwrap().0, "True");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::ports::{ReservedPorts, ReservedPortsError};
+use crate::ports::{MIN_PUBLIC_PORT, PortPolicy, PortRange, ReservedPorts, ReservedPortsError};
 
 /// What happens to a container's home when the container is deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -40,6 +40,12 @@ pub struct PortForwardConfig {
     pub backend: ForwardingBackend,
     /// How often the whole ruleset is rewritten even when nothing changed (repairs drift).
     pub resync_period: Duration,
+    /// How long one `nft`, `iptables-restore`, `iptables-save` or `conntrack` may run before the
+    /// agent kills it and counts the sync as failed.
+    pub command_timeout: Duration,
+    /// The agent's `/healthz` fails when its last successful sync is older than this (so a
+    /// kubelet restarts an agent whose tools hang or whose loop is stuck), like kube-proxy's.
+    pub max_sync_age: Duration,
 }
 
 /// The validated operator configuration.
@@ -55,8 +61,8 @@ pub struct OperatorConfig {
     /// used (everything the container runs comes from the distro). `None`: containers with a
     /// customDistro do not run, and say so.
     pub custom_distro_image: Option<String>,
-    /// Public ports no PortMapping may take.
-    pub reserved_ports: ReservedPorts,
+    /// `publicPorts` and `reservedPorts`: which public ports PortMappings may take.
+    pub port_policy: PortPolicy,
     /// Port-forwarding settings.
     pub port_forward: PortForwardConfig,
     /// Log filter directive (`info`, `debug`, `uwsgi_it_agent=trace`, ...).
@@ -77,10 +83,15 @@ impl Default for OperatorConfig {
             home_retention: HomeRetention::default(),
             distros: BTreeMap::new(),
             custom_distro_image: None,
-            reserved_ports: ReservedPorts::default(),
+            port_policy: PortPolicy::default(),
             port_forward: PortForwardConfig {
                 backend: ForwardingBackend::default(),
                 resync_period: Duration::from_secs(30),
+                command_timeout: Duration::from_secs(10),
+                max_sync_age: default_max_sync_age(
+                    Duration::from_secs(30),
+                    Duration::from_secs(10),
+                ),
             },
             log_level: "info".into(),
             customer_cluster_role: "uwsgi-it-customer".into(),
@@ -102,6 +113,21 @@ pub enum ConfigError {
     /// A `reservedPorts` entry is invalid.
     #[error(transparent)]
     ReservedPorts(#[from] ReservedPortsError),
+    /// `publicPorts` is not a range inside 1025-65535.
+    #[error("publicPorts {text:?}: {problem}")]
+    PublicPorts { text: String, problem: String },
+    /// `portForward.commandTimeout` is not a duration.
+    #[error("portForward.commandTimeout {0:?} must be a duration like 10s or 1m, at least 1s")]
+    CommandTimeout(String),
+    /// `portForward.maxSyncAge` is not a duration longer than the resync period.
+    #[error(
+        "portForward.maxSyncAge {text:?} must be a duration like 2m, longer than portForward.resyncPeriod ({resync_seconds}s) plus portForward.commandTimeout ({timeout_seconds}s)"
+    )]
+    MaxSyncAge {
+        text: String,
+        resync_seconds: u64,
+        timeout_seconds: u64,
+    },
     /// `portForward.resyncPeriod` is not a duration.
     #[error("portForward.resyncPeriod {0:?} must be a duration like 30s, 5m or 1h, at least 1s")]
     ResyncPeriod(String),
@@ -126,6 +152,7 @@ struct RawConfig {
     home_retention: Option<HomeRetention>,
     distros: Option<BTreeMap<String, String>>,
     custom_distro_image: Option<String>,
+    public_ports: Option<String>,
     reserved_ports: Option<Vec<String>>,
     port_forward: Option<RawPortForward>,
     log_level: Option<String>,
@@ -139,6 +166,8 @@ struct RawConfig {
 struct RawPortForward {
     backend: Option<ForwardingBackend>,
     resync_period: Option<String>,
+    command_timeout: Option<String>,
+    max_sync_age: Option<String>,
 }
 
 impl OperatorConfig {
@@ -167,14 +196,34 @@ impl OperatorConfig {
             }
             image => image,
         };
-        let reserved_ports = match raw.reserved_ports {
+        let reserved = match raw.reserved_ports {
             Some(entries) => ReservedPorts::parse(entries)?,
-            None => defaults.reserved_ports,
+            None => defaults.port_policy.reserved,
+        };
+        let public = match raw.public_ports {
+            Some(text) => parse_public_ports(&text)?,
+            None => defaults.port_policy.public,
         };
         let forward = raw.port_forward.unwrap_or_default();
         let resync_period = match forward.resync_period {
             Some(text) => parse_duration(&text).ok_or(ConfigError::ResyncPeriod(text))?,
             None => defaults.port_forward.resync_period,
+        };
+        let command_timeout = match forward.command_timeout {
+            Some(text) => parse_duration(&text).ok_or(ConfigError::CommandTimeout(text))?,
+            None => defaults.port_forward.command_timeout,
+        };
+        let max_sync_age = match forward.max_sync_age {
+            Some(text) => parse_duration(&text)
+                .filter(|age| *age > resync_period + command_timeout)
+                .ok_or(ConfigError::MaxSyncAge {
+                    text,
+                    resync_seconds: resync_period.as_secs(),
+                    timeout_seconds: command_timeout.as_secs(),
+                })?,
+            // Four resync periods and two timeouts: one slow or failed sync never restarts the
+            // agent, a stuck loop does within minutes.
+            None => default_max_sync_age(resync_period, command_timeout),
         };
         let log_level = raw.log_level.unwrap_or(defaults.log_level);
         if log_level.trim().is_empty() {
@@ -195,10 +244,12 @@ impl OperatorConfig {
             home_retention: raw.home_retention.unwrap_or_default(),
             distros,
             custom_distro_image,
-            reserved_ports,
+            port_policy: PortPolicy { public, reserved },
             port_forward: PortForwardConfig {
                 backend: forward.backend.unwrap_or_default(),
                 resync_period,
+                command_timeout,
+                max_sync_age,
             },
             log_level,
             customer_cluster_role,
@@ -231,6 +282,27 @@ fn validate_home_root(root: &str) -> Result<PathBuf, ConfigError> {
     } else {
         Err(ConfigError::HomeRoot(root.to_string()))
     }
+}
+
+fn default_max_sync_age(resync_period: Duration, command_timeout: Duration) -> Duration {
+    4 * resync_period + 2 * command_timeout
+}
+
+/// `publicPorts`: one range (`"1025-65535"`) or port, starting at 1025 or above.
+fn parse_public_ports(text: &str) -> Result<PortRange, ConfigError> {
+    let fail = |problem: String| ConfigError::PublicPorts {
+        text: text.to_owned(),
+        problem,
+    };
+    let range: PortRange = text
+        .parse()
+        .map_err(|e: crate::ports::PortRangeError| fail(e.to_string()))?;
+    if range.start() < MIN_PUBLIC_PORT {
+        return Err(fail(format!(
+            "must start at {MIN_PUBLIC_PORT} or above (lower ports are the server's own services)"
+        )));
+    }
+    Ok(range)
 }
 
 /// Parses `30s`, `5m`, `1h` (whole numbers, one unit, at least one second).
@@ -272,10 +344,13 @@ homeRoot: /srv/homes/
 homeRetention: Delete
 distros:
   bookworm: debian:bookworm-slim
+publicPorts: "2000-40000"
 reservedPorts: ["8000-8100", "9999"]
 portForward:
   backend: iptables
   resyncPeriod: 2m
+  commandTimeout: 5s
+  maxSyncAge: 10m
 logLevel: debug
 customerClusterRole: hosting-customer
 uidStore: uids
@@ -285,11 +360,14 @@ uidStore: uids
         assert_eq!(config.home_root, PathBuf::from("/srv/homes"));
         assert_eq!(config.home_retention, HomeRetention::Delete);
         assert_eq!(config.distros["bookworm"], "debian:bookworm-slim");
-        assert!(config.reserved_ports.contains(8050));
-        assert!(config.reserved_ports.contains(9999));
-        assert!(!config.reserved_ports.contains(30000));
+        assert!(config.port_policy.reserved.contains(8050));
+        assert!(config.port_policy.reserved.contains(9999));
+        assert!(!config.port_policy.reserved.contains(30000));
+        assert_eq!(config.port_policy.public.to_string(), "2000-40000");
         assert_eq!(config.port_forward.backend, ForwardingBackend::Iptables);
         assert_eq!(config.port_forward.resync_period, Duration::from_secs(120));
+        assert_eq!(config.port_forward.command_timeout, Duration::from_secs(5));
+        assert_eq!(config.port_forward.max_sync_age, Duration::from_secs(600));
         assert_eq!(config.log_level, "debug");
         assert_eq!(config.customer_cluster_role, "hosting-customer");
         assert_eq!(config.uid_store, "uids");
@@ -311,6 +389,16 @@ uidStore: uids
                 "portForward.resyncPeriod",
             ),
             ("reservedPorts: ['70000']", "reservedPorts"),
+            ("publicPorts: '80-9000'", "publicPorts"),
+            ("publicPorts: 'many'", "publicPorts"),
+            (
+                "portForward: {commandTimeout: 0s}",
+                "portForward.commandTimeout",
+            ),
+            (
+                "portForward: {resyncPeriod: 1m, maxSyncAge: 1m}",
+                "portForward.maxSyncAge",
+            ),
             ("distros: {bookworm: ''}", "distros.bookworm"),
             ("customDistroImage: ' '", "customDistroImage"),
             ("customerClusterRole: ''", "customerClusterRole"),

@@ -4,8 +4,9 @@
 //! address is the server's own, shared by every customer on it and by the node's Kubernetes
 //! services, so two rules protect it:
 //!
-//! - ports the node itself needs ([`ReservedPorts`]) are never forwarded: a forward would
-//!   capture their traffic;
+//! - a public port must be inside the range customers may map (`publicPorts`) and never one
+//!   the node itself needs (`reservedPorts`): a forward would capture that traffic, which for
+//!   an API server, etcd or an overlay network is the cluster's ([`PortPolicy`]);
 //! - one `(server, proto, publicPort)` has one owner, across customers. The earliest mapping
 //!   gets it, and a mapping that holds it keeps it: a mapping that sorts earlier but shows up
 //!   later (restored from a backup, for example) must not steal live traffic.
@@ -21,8 +22,47 @@ use serde::{Deserialize, Serialize};
 use crate::identity::ObjectKey;
 
 /// The lowest public port a mapping may use: ports below it are the server's own services
-/// (and binding them needs privileges customers do not get).
+/// (and binding them needs privileges customers do not get). `publicPorts` may not start lower.
 pub const MIN_PUBLIC_PORT: u16 = 1025;
+
+/// Which public ports customers may map: inside `public`, outside every `reserved` entry.
+/// The controller decides with it and the agent checks again with it before it programs a
+/// forward, so a mapping accepted under an older configuration is not forwarded either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// `publicPorts`: the range customers may map.
+    pub public: PortRange,
+    /// `reservedPorts`: ports inside it that no mapping may take.
+    pub reserved: ReservedPorts,
+}
+
+impl Default for PortPolicy {
+    /// `1025-65535` with [`ReservedPorts::default`].
+    fn default() -> Self {
+        PortPolicy {
+            public: PortRange {
+                start: MIN_PUBLIC_PORT,
+                end: u16::MAX,
+            },
+            reserved: ReservedPorts::default(),
+        }
+    }
+}
+
+impl PortPolicy {
+    /// Why `port` may not be a public port, if it may not.
+    pub fn refusal(&self, port: u16) -> Option<MappingRefusal> {
+        if !self.public.contains(port) {
+            return Some(MappingRefusal::OutOfRange {
+                port,
+                allowed: self.public,
+            });
+        }
+        self.reserved
+            .reserving(port)
+            .map(|entry| MappingRefusal::ReservedPort { port, entry })
+    }
+}
 
 /// An inclusive range of ports, `start..=end`, with `1 <= start <= end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -205,35 +245,49 @@ impl ReservedPorts {
     }
 }
 
+/// The default `reservedPorts`: every port that a Kubernetes node's own infrastructure listens
+/// on or receives from other nodes, with why. A forward on one of them would take that traffic
+/// (for an overlay network, the Pod traffic other nodes send this one, in clear for VXLAN and
+/// Geneve). The chart lists the same entries in `values.yaml`.
+pub const DEFAULT_RESERVED_PORTS: &[(&str, &str)] = &[
+    (
+        "2379-2381",
+        "etcd client, peer and metrics (control-plane servers)",
+    ),
+    ("4240", "Cilium health checks between nodes"),
+    ("4244", "Hubble (Cilium) server"),
+    ("4789", "VXLAN (Calico, Cilium, Antrea; IANA port)"),
+    ("5473", "Calico Typha"),
+    ("6081", "Geneve (Cilium, Antrea, OVN-Kubernetes)"),
+    ("6443", "kube-apiserver (control-plane servers)"),
+    ("6783-6784", "Weave Net"),
+    ("7946", "memberlist (MetalLB speakers, Docker Swarm)"),
+    ("8285", "flannel UDP backend"),
+    ("8472", "VXLAN (flannel, Cilium: the Linux default port)"),
+    ("9099", "Calico Felix health"),
+    ("9100", "Prometheus node exporter"),
+    (
+        "9180",
+        "this operator's agent endpoints (the chart also adds agent.port)",
+    ),
+    ("9345", "RKE2 supervisor"),
+    ("10248", "kubelet health"),
+    ("10249", "kube-proxy metrics"),
+    ("10250", "kubelet API (exec, logs, metrics)"),
+    ("10255", "kubelet read-only port"),
+    ("10256", "kube-proxy health, probed by load balancers"),
+    ("10257", "kube-controller-manager (control-plane servers)"),
+    ("10259", "kube-scheduler (control-plane servers)"),
+    ("30000-32767", "Service NodePorts (kube-proxy)"),
+    ("51820-51821", "WireGuard (Calico, flannel; IPv4 and IPv6)"),
+    ("51871", "WireGuard (Cilium)"),
+];
+
 impl Default for ReservedPorts {
-    /// The NodePort range and the ports Kubernetes components listen on:
-    ///
-    /// - `30000-32767`: the NodePort range; kube-proxy answers Service NodePorts there.
-    /// - `10250`: the kubelet API (exec, logs, metrics); a forward would cut the API server off
-    ///   from the node's Pods.
-    /// - `10255`: the kubelet's read-only port (disabled by many distributions, still reserved
-    ///   so enabling it never collides with a customer).
-    /// - `10256`: kube-proxy's health check, which cloud load balancers probe.
-    /// - `10249`: kube-proxy's metrics (loopback by default, but commonly opened to all
-    ///   addresses for Prometheus).
-    /// - `10257`: kube-controller-manager's secure port, when the server is a control-plane node.
-    /// - `10259`: kube-scheduler's secure port, likewise.
+    /// [`DEFAULT_RESERVED_PORTS`].
     fn default() -> Self {
-        let entries = [
-            (30000, 32767),
-            (10250, 10250),
-            (10255, 10255),
-            (10256, 10256),
-            (10249, 10249),
-            (10257, 10257),
-            (10259, 10259),
-        ];
-        let mut ranges: Vec<PortRange> = entries
-            .iter()
-            .map(|&(start, end)| PortRange { start, end })
-            .collect();
-        ranges.sort();
-        Self { ranges }
+        Self::parse(DEFAULT_RESERVED_PORTS.iter().map(|(entry, _)| entry))
+            .expect("the default reserved ports are valid")
     }
 }
 
@@ -335,11 +389,13 @@ pub enum MappingRefusal {
         /// The server's node name.
         server: String,
     },
-    /// `publicPort` below [`MIN_PUBLIC_PORT`].
-    #[error("publicPort {port} is outside the range {MIN_PUBLIC_PORT}-65535")]
+    /// `publicPort` outside `publicPorts`.
+    #[error("publicPort {port} is outside the operator's publicPorts {allowed}")]
     OutOfRange {
         /// `spec.publicPort`.
         port: u16,
+        /// `publicPorts`.
+        allowed: PortRange,
     },
     /// `publicPort` is in the operator's reserved list.
     #[error("publicPort {port} is reserved by the operator (reservedPorts entry {entry})")]
@@ -399,15 +455,12 @@ impl MappingRefusal {
 ///
 /// The result is in key order, depends only on the set of inputs, and is a fixed point:
 /// feeding the decisions back as `accepted` changes nothing.
-pub fn decide_mappings(
-    reserved: &ReservedPorts,
-    mappings: &[MappingCandidate],
-) -> Vec<MappingDecision> {
+pub fn decide_mappings(policy: &PortPolicy, mappings: &[MappingCandidate]) -> Vec<MappingDecision> {
     let mut ordered: Vec<&MappingCandidate> = mappings.iter().collect();
     ordered.sort();
 
     let mut results: Vec<Result<(), MappingRefusal>> =
-        ordered.iter().map(|m| own_rules(reserved, m)).collect();
+        ordered.iter().map(|m| own_rules(policy, m)).collect();
 
     // Per (server, proto, port): the holder, as an index into `ordered`. Iterating in key order
     // means the first candidate seen is the earliest; an accepted one replaces a non-accepted
@@ -465,7 +518,7 @@ pub fn decide_mappings(
 }
 
 /// The rules a mapping passes or fails on its own, without looking at other mappings.
-fn own_rules(reserved: &ReservedPorts, m: &MappingCandidate) -> Result<(), MappingRefusal> {
+fn own_rules(policy: &PortPolicy, m: &MappingCandidate) -> Result<(), MappingRefusal> {
     match &m.target {
         MappingTarget::Admitted { .. } => {}
         MappingTarget::NotFound => {
@@ -485,18 +538,10 @@ fn own_rules(reserved: &ReservedPorts, m: &MappingCandidate) -> Result<(), Mappi
             });
         }
     }
-    if m.public_port < MIN_PUBLIC_PORT {
-        return Err(MappingRefusal::OutOfRange {
-            port: m.public_port,
-        });
+    match policy.refusal(m.public_port) {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
     }
-    if let Some(entry) = reserved.reserving(m.public_port) {
-        return Err(MappingRefusal::ReservedPort {
-            port: m.public_port,
-            entry,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -600,14 +645,16 @@ mod tests {
     }
 
     #[test]
-    fn default_reserves_nodeports_and_the_kubelet_and_kube_proxy_ports() {
+    fn default_reserves_every_infrastructure_port() {
         let reserved = ReservedPorts::default();
+        // NodePorts, kubelet, kube-proxy, control plane, etcd, overlays, WireGuard, exporters.
         for port in [
-            30000, 31000, 32767, 10249, 10250, 10255, 10256, 10257, 10259,
+            30000, 31000, 32767, 10248, 10249, 10250, 10255, 10256, 10257, 10259, 6443, 2379, 2380,
+            2381, 8472, 4789, 6081, 51820, 51821, 51871, 9100, 7946, 9180, 4240, 5473,
         ] {
             assert!(reserved.contains(port), "{port}");
         }
-        for port in [29999, 32768, 10248, 10251, 10258, 8080] {
+        for port in [29999, 32768, 10251, 10258, 8080, 8000, 9000, 2378, 2382] {
             assert!(!reserved.contains(port), "{port}");
         }
         let written: Vec<String> = reserved.ranges().iter().map(ToString::to_string).collect();
@@ -646,7 +693,7 @@ mod tests {
     #[test]
     fn the_earliest_mapping_gets_a_free_port() {
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[
                 mapping(2, "a", "second", "node-a", Proto::Tcp, 8080, false),
                 mapping(1, "a", "first", "node-a", Proto::Tcp, 8080, false),
@@ -666,7 +713,7 @@ mod tests {
     #[test]
     fn an_accepted_mapping_keeps_its_port_against_an_earlier_keyed_newcomer() {
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[
                 mapping(1, "a", "restored", "node-a", Proto::Tcp, 8080, false),
                 mapping(9, "b", "live", "node-a", Proto::Tcp, 8080, true),
@@ -682,7 +729,7 @@ mod tests {
     #[test]
     fn of_two_accepted_mappings_on_one_port_the_earliest_keeps_it() {
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[
                 mapping(2, "a", "late", "node-a", Proto::Udp, 5000, true),
                 mapping(1, "a", "early", "node-a", Proto::Udp, 5000, true),
@@ -695,7 +742,7 @@ mod tests {
     #[test]
     fn tcp_and_udp_on_the_same_number_and_the_same_port_on_two_servers_are_all_fine() {
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[
                 mapping(1, "a", "tcp", "node-a", Proto::Tcp, 5353, false),
                 mapping(2, "a", "udp", "node-a", Proto::Udp, 5353, false),
@@ -706,17 +753,39 @@ mod tests {
     }
 
     #[test]
-    fn public_ports_below_1025_are_out_of_range() {
-        let reserved = ReservedPorts::default();
+    fn public_ports_outside_public_ports_are_out_of_range() {
+        let reserved = PortPolicy::default();
         for port in [0, 22, 80, 1024] {
             let out = decide_mappings(
                 &reserved,
                 &[mapping(1, "a", "m", "n", Proto::Tcp, port, false)],
             );
             let err = out[0].result.clone().unwrap_err();
-            assert_eq!(err, MappingRefusal::OutOfRange { port });
+            assert_eq!(
+                err,
+                MappingRefusal::OutOfRange {
+                    port,
+                    allowed: range(1025, 65535)
+                }
+            );
             assert_eq!(err.reason(), "PortOutOfRange");
         }
+        let narrow = PortPolicy {
+            public: range(20000, 29999),
+            reserved: ReservedPorts::default(),
+        };
+        for (port, accepted) in [(19999, false), (20000, true), (29999, true), (30000, false)] {
+            let out = decide_mappings(
+                &narrow,
+                &[mapping(1, "a", "m", "n", Proto::Tcp, port, false)],
+            );
+            assert_eq!(out[0].is_accepted(), accepted, "{port}: {out:?}");
+        }
+        let err = narrow.refusal(8000).unwrap();
+        assert_eq!(
+            err.to_string(),
+            "publicPort 8000 is outside the operator's publicPorts 20000-29999"
+        );
         let out = decide_mappings(
             &reserved,
             &[mapping(1, "a", "m", "n", Proto::Tcp, 1025, false)],
@@ -732,7 +801,7 @@ mod tests {
     #[test]
     fn reserved_ports_are_refused_naming_the_entry_even_when_already_accepted() {
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[mapping(1, "a", "m", "node-a", Proto::Tcp, 30080, true)],
         );
         let err = out[0].result.clone().unwrap_err();
@@ -748,7 +817,7 @@ mod tests {
         let mut gone = mapping(1, "a", "gone", "node-a", Proto::Tcp, 8080, true);
         gone.target = MappingTarget::NotFound;
         let out = decide_mappings(
-            &ReservedPorts::default(),
+            &PortPolicy::default(),
             &[
                 gone,
                 mapping(2, "a", "next", "node-a", Proto::Tcp, 8080, false),
@@ -769,7 +838,7 @@ mod tests {
         not_owned.target = MappingTarget::ServerNotOwned {
             server: "node-a".into(),
         };
-        let out = decide_mappings(&ReservedPorts::default(), &[not_admitted, not_owned]);
+        let out = decide_mappings(&PortPolicy::default(), &[not_admitted, not_owned]);
         let na = result(&out, "na").clone().unwrap_err();
         assert_eq!(na.reason(), "ContainerNotAdmitted");
         assert_eq!(na.to_string(), "container web is not admitted");
@@ -845,7 +914,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_two_accepted_owners_of_one_server_proto_port(input in candidates()) {
-            let out = decide_mappings(&ReservedPorts::default(), &input);
+            let out = decide_mappings(&PortPolicy::default(), &input);
             let mut slots = BTreeSet::new();
             for (d, m) in out.iter().zip({
                 let mut sorted: Vec<&MappingCandidate> = input.iter().collect();
@@ -868,7 +937,7 @@ mod tests {
         fn every_contested_slot_has_exactly_one_owner_and_accepted_ones_are_not_robbed(
             input in candidates(),
         ) {
-            let out = decide_mappings(&ReservedPorts::default(), &input);
+            let out = decide_mappings(&PortPolicy::default(), &input);
             for m in &input {
                 let d = out.iter().find(|d| d.key == m.key).unwrap();
                 let Err(MappingRefusal::PortInUse { holder, .. }) = &d.result else { continue };
@@ -883,13 +952,13 @@ mod tests {
         fn the_input_order_does_not_matter(
             (input, shuffled) in candidates().prop_flat_map(|v| (Just(v.clone()), Just(v).prop_shuffle())),
         ) {
-            let reserved = ReservedPorts::default();
+            let reserved = PortPolicy::default();
             prop_assert_eq!(decide_mappings(&reserved, &input), decide_mappings(&reserved, &shuffled));
         }
 
         #[test]
         fn deciding_the_output_again_changes_nothing(input in candidates()) {
-            let reserved = ReservedPorts::default();
+            let reserved = PortPolicy::default();
             let first = decide_mappings(&reserved, &input);
             let second = decide_mappings(&reserved, &rerun(&input, &first));
             prop_assert_eq!(first, second);

@@ -27,7 +27,7 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// The configuration the test controllers run with.
 pub fn test_config() -> OperatorConfig {
     OperatorConfig::from_yaml(
-        "distros:\n  bookworm: docker.io/library/debian:bookworm-slim\ncustomDistroImage: uwsgi-it.local/distro-root:test\nreservedPorts: ['30000-32767', '10250']\n",
+        "distros:\n  bookworm: docker.io/library/debian:bookworm-slim\ncustomDistroImage: uwsgi-it.local/distro-root:test\n",
     )
     .expect("test configuration")
 }
