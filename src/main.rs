@@ -48,8 +48,9 @@ enum Command {
         /// The Node this agent serves (from the downward API's spec.nodeName).
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// Where /healthz, /readyz and /metrics are served.
-        #[arg(long, default_value = "0.0.0.0:9180")]
+        /// Where /healthz, /readyz and /metrics are served. The agent shares the server's
+        /// network, so the default keeps them off its public address.
+        #[arg(long, default_value = "127.0.0.1:9180")]
         listen: SocketAddr,
         /// Extra container networks (CIDR) to masquerade for hairpin traffic, besides the
         /// Node's pod CIDRs; repeatable.
@@ -153,6 +154,7 @@ fn run_agent(
             listener,
             agent.registry(),
             agent.ready(),
+            agent.health(),
             async move {
                 let _ = serving_stopped.await;
             },

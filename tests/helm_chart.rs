@@ -219,10 +219,14 @@ fn default_render_has_the_agent_the_design_needs() {
             "agent",
             "--config=/etc/uwsgi-it/config.yaml",
             "--node-name=$(NODE_NAME)",
-            "--listen=0.0.0.0:9180"
+            "--listen=127.0.0.1:9180"
         ]
     );
     assert_eq!(env_field_ref(agent, "NODE_NAME"), "spec.nodeName");
+    // The endpoints stay off the server's public address, and the kubelet probes them where
+    // they are.
+    assert_eq!(agent["livenessProbe"]["httpGet"]["host"], "127.0.0.1");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["host"], "127.0.0.1");
     let security = &agent["securityContext"];
     assert_eq!(security["runAsUser"], 0);
     assert_eq!(security["privileged"], false);
@@ -417,7 +421,10 @@ fn non_default_values_reach_every_object() {
         "registry.example.com:5000/hosting/uwsgi-it-operator:0.1.0-rc.1"
     );
     assert!(strings(&agent["securityContext"]["capabilities"]["add"]).contains(&"NET_RAW"));
-    assert!(strings(&agent["args"]).contains(&"--listen=0.0.0.0:9190"));
+    // listen: internal: the node's InternalIP, where the kubelet probes by default.
+    assert!(strings(&agent["args"]).contains(&"--listen=$(HOST_IP):9190"));
+    assert_eq!(env_field_ref(agent, "HOST_IP"), "status.hostIP");
+    assert!(agent["livenessProbe"]["httpGet"].get("host").is_none());
     let homes = pod["volumes"]
         .as_array()
         .unwrap()

@@ -85,6 +85,32 @@ spec: {servers: [server-1, server-2], users: [alice]}",
         .expect("labelling the customer namespace");
     crash_loops.check(cluster);
 
+    step("the agents' endpoints answer on their node's loopback only, never on a public address");
+    let client_netns = cluster.client_netns().expect("the client namespace");
+    for node in ["server-1", "server-2"] {
+        let netns = cluster.node_netns(node).expect("the node's namespace");
+        let local = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9180);
+        let (status, body) = http_get(&netns, local, "/metrics", Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{node}: the agent's /metrics on loopback: {e}"));
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("forwarding_last_success_timestamp_seconds"),
+            "{body}"
+        );
+        for address in [cluster.public_ip(node), cluster.node_ip(node)] {
+            let outside = http_get(
+                &client_netns,
+                SocketAddrV4::new(address, 9180),
+                "/metrics",
+                Duration::from_secs(2),
+            );
+            assert!(
+                outside.is_err(),
+                "{node}: /metrics answered on {address}: {outside:?}"
+            );
+        }
+    }
+
     step(
         "the seed quickstart: container hydra (1000 MB / 20000 MB) on server-1 by its public address",
     );

@@ -113,3 +113,13 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The host the kubelet probes the agent at: where --listen put it (the Pod IP, which the
+kubelet uses by default, is the node's address and answers only for "internal"). */}}
+{{- define "uwsgi-it.agentProbeHost" -}}
+{{- if eq .Values.agent.listen "loopback" -}}
+host: 127.0.0.1
+{{- else if ne .Values.agent.listen "internal" -}}
+host: {{ .Values.agent.listen }}
+{{- end -}}
+{{- end -}}

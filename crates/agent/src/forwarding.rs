@@ -24,14 +24,19 @@
 //! After either kind of write the conntrack entries of UDP forwards that changed are deleted.
 //!
 //! The API is synchronous (it runs `nft`, `iptables-restore`, `iptables-save` and `conntrack`
-//! as child processes and waits for them); call it from `tokio::task::spawn_blocking`.
+//! as child processes and waits for them); call it from `tokio::task::spawn_blocking`. Every
+//! child runs under a timeout ([`Tools`]): a tool that hangs (a held xtables lock, a wedged
+//! kernel call) is killed and the sync fails with the tool's own stderr, instead of freezing the
+//! agent unnoticed.
 
 use std::collections::BTreeSet;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use wait_timeout::ChildExt;
 
 use uwsgi_it_domain::forwarding::iptables::{self, JumpRule};
 use uwsgi_it_domain::forwarding::nft::{self, ListingError};
@@ -51,11 +56,121 @@ impl CommandScope {
         match self {
             CommandScope::CurrentNamespace => Command::new(program),
             CommandScope::Netns(name) => {
+                // `ip netns exec` execs the program, so a kill on timeout reaches the tool.
                 let mut command = Command::new("ip");
                 command.args(["netns", "exec", name, program]);
                 command
             }
         }
+    }
+}
+
+/// How the backends run their tools: where ([`CommandScope`]) and for how long at most.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tools {
+    pub scope: CommandScope,
+    /// A child still running after this is killed (`portForward.commandTimeout`).
+    pub timeout: Duration,
+}
+
+impl Tools {
+    /// The default of `portForward.commandTimeout`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn new(scope: CommandScope, timeout: Duration) -> Tools {
+        Tools { scope, timeout }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        self.scope.command(program)
+    }
+
+    /// Runs `command` with `stdin` (or none), collecting stdout and stderr, killing it after the
+    /// timeout. The exit status is not checked (see [`checked`]).
+    fn output(
+        &self,
+        mut command: Command,
+        stdin: Option<&[u8]>,
+    ) -> Result<Output, ForwardingError> {
+        let mut child = command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error(&command))?;
+        // Threads for the pipes, so a tool that writes a lot while it reads its input never
+        // blocks on a full pipe; they end when the child's ends close (exit or kill).
+        let writer = stdin.map(|input| {
+            let mut pipe = child.stdin.take().expect("stdin was piped");
+            let input = input.to_vec();
+            // Dropping the pipe after writing closes it, which is what ends the tool's input.
+            std::thread::spawn(move || pipe.write_all(&input))
+        });
+        let mut stdout_pipe = child.stdout.take().expect("stdout was piped");
+        let mut stderr_pipe = child.stderr.take().expect("stderr was piped");
+        let stdout = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            stdout_pipe.read_to_end(&mut bytes).map(|_| bytes)
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            stderr_pipe.read_to_end(&mut bytes).map(|_| bytes)
+        });
+        let waited = child
+            .wait_timeout(self.timeout)
+            .map_err(spawn_error(&command))?;
+        let status = match waited {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = stderr.join().ok().and_then(Result::ok).unwrap_or_default();
+                return Err(ForwardingError::TimedOut {
+                    program: describe(&command),
+                    timeout: self.timeout,
+                    stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+                });
+            }
+        };
+        let joined = |handle: std::thread::JoinHandle<std::io::Result<Vec<u8>>>| {
+            handle
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("pipe reader panicked")))
+        };
+        let stdout = joined(stdout).map_err(spawn_error(&command))?;
+        let stderr = joined(stderr).map_err(spawn_error(&command))?;
+        if let Some(writer) = writer {
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("stdin writer panicked")));
+            // A tool that exits before reading all its input fails on its own terms (its
+            // status and stderr say why); a broken pipe alone is not the error to report.
+            if status.success() {
+                written.map_err(spawn_error(&command))?;
+            }
+        }
+        Ok(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+impl Default for Tools {
+    /// The agent's own network namespace, the default timeout.
+    fn default() -> Tools {
+        CommandScope::default().into()
+    }
+}
+
+impl From<CommandScope> for Tools {
+    fn from(scope: CommandScope) -> Tools {
+        Tools::new(scope, Tools::DEFAULT_TIMEOUT)
     }
 }
 
@@ -70,7 +185,13 @@ pub enum ForwardingError {
     #[error("{program} failed ({status}): {stderr}")]
     CommandFailed {
         program: String,
-        status: std::process::ExitStatus,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("{program} did not finish within {timeout:?} and was killed; its stderr: {stderr:?}")]
+    TimedOut {
+        program: String,
+        timeout: Duration,
         stderr: String,
     },
     #[error(transparent)]
@@ -156,24 +277,6 @@ fn describe(command: &Command) -> String {
         .join(" ")
 }
 
-fn output_with_stdin(mut command: Command, stdin: &[u8]) -> Result<Output, ForwardingError> {
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error(&command))?;
-    // Dropping the handle after writing closes the pipe, which is what ends the tool's input.
-    let written = child
-        .stdin
-        .take()
-        .expect("stdin was piped")
-        .write_all(stdin);
-    let output = child.wait_with_output().map_err(spawn_error(&command))?;
-    written.map_err(spawn_error(&command))?;
-    Ok(output)
-}
-
 fn checked(command: &Command, output: Output) -> Result<Output, ForwardingError> {
     if output.status.success() {
         return Ok(output);
@@ -219,7 +322,7 @@ fn empty_report(desired: &ForwardingRuleset) -> ApplyReport {
 /// The shared part of `apply`: skip when in sync, else write and clean conntrack; remember
 /// `desired` once the kernel is known to hold it.
 fn apply_with(
-    scope: &CommandScope,
+    tools: &Tools,
     remembered: &mut Option<ForwardingRuleset>,
     desired: &ForwardingRuleset,
     inspection: Inspection,
@@ -234,7 +337,7 @@ fn apply_with(
         write()?;
         report.rewritten = true;
         let stale = stale_udp_flows(&inspection.installed, desired);
-        clear_udp_flows(scope, stale, &mut report);
+        clear_udp_flows(tools, stale, &mut report);
     }
     *remembered = Some(desired.clone());
     report.duration = started.elapsed();
@@ -244,7 +347,7 @@ fn apply_with(
 /// The shared part of `apply_incremental`. `write_difference` gets the remembered ruleset and
 /// the (non-empty) diff and writes them as one transaction; `full` is the backend's `apply`.
 fn apply_incremental_with(
-    scope: &CommandScope,
+    tools: &Tools,
     remembered: &mut Option<ForwardingRuleset>,
     desired: &ForwardingRuleset,
     write_difference: impl FnOnce(&ForwardingRuleset, &RulesetDiff) -> Result<(), ForwardingError>,
@@ -273,7 +376,7 @@ fn apply_incremental_with(
     report.rewritten = true;
     report.incremental = true;
     report.difference = Some(diff.to_string());
-    clear_udp_flows(scope, stale_udp_flows(&previous, desired), &mut report);
+    clear_udp_flows(tools, stale_udp_flows(&previous, desired), &mut report);
     report.duration = started.elapsed();
     Ok(report)
 }
@@ -283,11 +386,11 @@ fn apply_incremental_with(
 /// forwards costs one listing plus one deletion per destination that really has entries.
 const DIRECT_CONNTRACK_DELETIONS: usize = 4;
 
-fn clear_udp_flows(scope: &CommandScope, stale: Vec<UdpFlowKey>, report: &mut ApplyReport) {
+fn clear_udp_flows(tools: &Tools, stale: Vec<UdpFlowKey>, report: &mut ApplyReport) {
     let with_entries = if stale.len() <= DIRECT_CONNTRACK_DELETIONS {
         stale.clone()
     } else {
-        match udp_destinations_with_entries(scope) {
+        match udp_destinations_with_entries(tools) {
             Ok(present) => stale
                 .iter()
                 .filter(|flow| present.contains(flow))
@@ -300,7 +403,7 @@ fn clear_udp_flows(scope: &CommandScope, stale: Vec<UdpFlowKey>, report: &mut Ap
         }
     };
     for flow in with_entries {
-        match delete_udp_conntrack(scope, flow.public_address, flow.public_port) {
+        match delete_udp_conntrack(tools, flow.public_address, flow.public_port) {
             Ok(deleted) => report.conntrack_entries_deleted += deleted,
             Err(error) => report.conntrack_failures.push(error.to_string()),
         }
@@ -310,11 +413,11 @@ fn clear_udp_flows(scope: &CommandScope, stale: Vec<UdpFlowKey>, report: &mut Ap
 
 /// The original destinations of all UDP conntrack entries (`conntrack -L -p udp`).
 pub fn udp_destinations_with_entries(
-    scope: &CommandScope,
+    tools: &Tools,
 ) -> Result<BTreeSet<UdpFlowKey>, ForwardingError> {
-    let mut command = scope.command("conntrack");
+    let mut command = tools.command("conntrack");
     command.args(["-L", "-p", "udp"]);
-    let output = command.output().map_err(spawn_error(&command))?;
+    let output = tools.output(command.to_owned_command(), None)?;
     let output = checked(&command, output)?;
     Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -336,11 +439,11 @@ pub fn udp_destinations_with_entries(
 /// went. conntrack exits 1 when nothing matched ("0 flow entries have been deleted"), which is
 /// success here.
 pub fn delete_udp_conntrack(
-    scope: &CommandScope,
+    tools: &Tools,
     public_address: Ipv4Addr,
     public_port: u16,
 ) -> Result<u64, ForwardingError> {
-    let mut command = scope.command("conntrack");
+    let mut command = tools.command("conntrack");
     command.args([
         "-D",
         "-p",
@@ -350,7 +453,7 @@ pub fn delete_udp_conntrack(
         "--orig-port-dst",
         &public_port.to_string(),
     ]);
-    let output = command.output().map_err(spawn_error(&command))?;
+    let output = tools.output(command.to_owned_command(), None)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let deleted = stderr.lines().find_map(|line| {
         let (_, rest) = line.split_once("): ")?;
@@ -366,23 +469,25 @@ pub fn delete_udp_conntrack(
 /// Owns `table ip uwsgi_it`; writes it whole, or only its changed elements, with `nft -j -f -`.
 #[derive(Debug, Default)]
 pub struct NftBackend {
-    scope: CommandScope,
+    tools: Tools,
     memory: Memory,
 }
 
 impl NftBackend {
-    pub fn new(scope: CommandScope) -> NftBackend {
+    pub fn new(tools: impl Into<Tools>) -> NftBackend {
         NftBackend {
-            scope,
+            tools: tools.into(),
             memory: Memory::default(),
         }
     }
 
     /// `nft -j -f -` with `json` on stdin.
     fn run_transaction(&self, json: &str) -> Result<(), ForwardingError> {
-        let mut command = self.scope.command("nft");
+        let mut command = self.tools.command("nft");
         command.args(["-j", "-f", "-"]);
-        let output = output_with_stdin(command.to_owned_command(), json.as_bytes())?;
+        let output = self
+            .tools
+            .output(command.to_owned_command(), Some(json.as_bytes()))?;
         checked(&command, output).map(|_| ())
     }
 
@@ -394,7 +499,7 @@ impl NftBackend {
         let started = Instant::now();
         let inspection = self.inspect(desired)?;
         apply_with(
-            &self.scope,
+            &self.tools,
             remembered,
             desired,
             inspection,
@@ -405,9 +510,9 @@ impl NftBackend {
 
     /// `nft -j list table ip uwsgi_it`, or `None` when the table does not exist.
     fn listing(&self) -> Result<Option<String>, ForwardingError> {
-        let mut command = self.scope.command("nft");
+        let mut command = self.tools.command("nft");
         command.args(["-j", "list", "table", "ip", nft::TABLE]);
-        let output = command.output().map_err(spawn_error(&command))?;
+        let output = self.tools.output(command.to_owned_command(), None)?;
         if !output.status.success()
             && String::from_utf8_lossy(&output.stderr).contains("No such file or directory")
         {
@@ -462,7 +567,7 @@ impl ForwardingBackend for NftBackend {
         desired: &ForwardingRuleset,
     ) -> Result<ApplyReport, ForwardingError> {
         apply_incremental_with(
-            &self.scope,
+            &self.tools,
             &mut self.memory.lock(),
             desired,
             |_, diff| match nft::incremental_transaction_json(diff) {
@@ -478,23 +583,28 @@ impl ForwardingBackend for NftBackend {
 /// whole or only the rules that changed.
 #[derive(Debug, Default)]
 pub struct IptablesBackend {
-    scope: CommandScope,
+    tools: Tools,
     memory: Memory,
 }
 
 impl IptablesBackend {
-    pub fn new(scope: CommandScope) -> IptablesBackend {
+    pub fn new(tools: impl Into<Tools>) -> IptablesBackend {
         IptablesBackend {
-            scope,
+            tools: tools.into(),
             memory: Memory::default(),
         }
     }
 
-    /// `iptables-restore --noflush` with `input` on stdin (one atomic commit).
+    /// `iptables-restore --noflush` with `input` on stdin (one atomic commit). `-w`: wait for
+    /// the xtables lock that kube-proxy, the kubelet or a CNI plugin may hold (legacy iptables;
+    /// the nft flavour takes and ignores it), within the command timeout.
     fn restore(&self, input: &str) -> Result<(), ForwardingError> {
-        let mut command = self.scope.command("iptables-restore");
-        command.arg("--noflush");
-        let output = output_with_stdin(command.to_owned_command(), input.as_bytes())?;
+        let mut command = self.tools.command("iptables-restore");
+        let wait = self.tools.timeout.as_secs().saturating_sub(1).max(1);
+        command.args(["-w", &wait.to_string(), "--noflush"]);
+        let output = self
+            .tools
+            .output(command.to_owned_command(), Some(input.as_bytes()))?;
         checked(&command, output).map(|_| ())
     }
 
@@ -506,7 +616,7 @@ impl IptablesBackend {
         let started = Instant::now();
         let (inspection, missing_jumps) = self.inspect_with_jumps(desired)?;
         apply_with(
-            &self.scope,
+            &self.tools,
             remembered,
             desired,
             inspection,
@@ -516,9 +626,9 @@ impl IptablesBackend {
     }
 
     fn save(&self) -> Result<String, ForwardingError> {
-        let mut command = self.scope.command("iptables-save");
+        let mut command = self.tools.command("iptables-save");
         command.args(["-t", "nat"]);
-        let output = command.output().map_err(spawn_error(&command))?;
+        let output = self.tools.output(command.to_owned_command(), None)?;
         let output = checked(&command, output)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
@@ -571,7 +681,7 @@ impl ForwardingBackend for IptablesBackend {
         desired: &ForwardingRuleset,
     ) -> Result<ApplyReport, ForwardingError> {
         apply_incremental_with(
-            &self.scope,
+            &self.tools,
             &mut self.memory.lock(),
             desired,
             |previous, _| match iptables::incremental_restore_input(previous, desired) {

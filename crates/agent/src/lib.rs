@@ -5,6 +5,7 @@ pub mod homes;
 
 pub mod address;
 mod distro_sync;
+pub mod health;
 pub mod home_sync;
 pub mod listeners;
 pub mod metrics;
@@ -25,7 +26,8 @@ use uwsgi_it_domain::forwarding::Ipv4Cidr;
 use uwsgi_it_telemetry::prometheus_client::registry::Registry;
 
 pub use address::NetworkNamespace;
-use forwarding::{CommandScope, ForwardingBackend, IptablesBackend, NftBackend};
+use forwarding::{CommandScope, ForwardingBackend, IptablesBackend, NftBackend, Tools};
+use health::SyncHealth;
 use homes::Homes;
 use metrics::Metrics;
 use reporter::Reporter;
@@ -58,6 +60,7 @@ pub(crate) struct Context {
     pub homes: Homes,
     pub backend: Arc<dyn ForwardingBackend>,
     pub ready: watch::Sender<bool>,
+    pub health: Arc<SyncHealth>,
 }
 
 /// One node's agent. Build it, serve its [`Agent::registry`] and [`Agent::ready`] on the health
@@ -70,6 +73,7 @@ pub struct Agent {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
+    health: Arc<SyncHealth>,
 }
 
 impl Agent {
@@ -85,12 +89,14 @@ impl Agent {
             NetworkNamespace::Current => CommandScope::CurrentNamespace,
             NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
         };
+        let tools = Tools::new(scope, options.config.port_forward.command_timeout);
         let backend: Arc<dyn ForwardingBackend> = match options.config.port_forward.backend {
-            config::ForwardingBackend::Nftables => Arc::new(NftBackend::new(scope)),
-            config::ForwardingBackend::Iptables => Arc::new(IptablesBackend::new(scope)),
+            config::ForwardingBackend::Nftables => Arc::new(NftBackend::new(tools)),
+            config::ForwardingBackend::Iptables => Arc::new(IptablesBackend::new(tools)),
         };
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
+        let health = Arc::new(SyncHealth::new(options.config.port_forward.max_sync_age));
         Ok(Agent {
             client,
             options,
@@ -99,6 +105,7 @@ impl Agent {
             registry: Arc::new(registry),
             metrics,
             ready: watch::Sender::new(false),
+            health,
         })
     }
 
@@ -110,6 +117,12 @@ impl Agent {
     /// The agent's counters, for tests and benchmarks.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// `/healthz`: fails once no forwarding sync has succeeded for `portForward.maxSyncAge`.
+    pub fn health(&self) -> uwsgi_it_telemetry::Health {
+        let health = self.health.clone();
+        Arc::new(move || health.check())
     }
 
     /// True once the caches have synced and the first forwarding sync succeeded (`/readyz`).
@@ -149,6 +162,7 @@ impl Agent {
             homes: self.homes,
             backend: self.backend,
             ready: self.ready,
+            health: self.health,
         });
         tasks.spawn(sync::forwarding_loop(ctx.clone()));
         tasks.spawn(home_sync::homes_loop(ctx.clone()));

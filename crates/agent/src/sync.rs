@@ -327,6 +327,7 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
                 .sync_succeeded(started.elapsed(), applied.forwards().len());
             state.last_applied = Some(applied.clone());
             ctx.ready.send_replace(true);
+            ctx.health.succeeded();
         }
         Err(error) => {
             ctx.metrics.sync_failed(started.elapsed());

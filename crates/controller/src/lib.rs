@@ -136,7 +136,14 @@ pub async fn run(
         let registry = Arc::new(registry);
         let shutdown = stopped();
         tokio::spawn(async move {
-            if let Err(e) = uwsgi_it_telemetry::serve(listener, registry, ready_rx, shutdown).await
+            if let Err(e) = uwsgi_it_telemetry::serve(
+                listener,
+                registry,
+                ready_rx,
+                uwsgi_it_telemetry::alive(),
+                shutdown,
+            )
+            .await
             {
                 error!(error = %e, "the health and metrics server failed");
             }

@@ -1,7 +1,8 @@
 //! Logs, metrics and health endpoints shared by the controller and the agent.
 //!
-//! Both programs serve `/healthz` (the process is alive), `/readyz` (its caches are synced and
-//! it can act) and `/metrics` (Prometheus text format) on one listen address.
+//! Both programs serve `/healthz` (the process is alive and its work loop is not stuck: see
+//! [`Health`]), `/readyz` (its caches are synced and it can act) and `/metrics` (Prometheus
+//! text format) on one listen address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,10 +34,20 @@ pub fn init_tracing(level: &str, json: bool) {
     };
 }
 
+/// What `/healthz` answers: `Ok` (200) or why not (500 with the reason), e.g. "the last
+/// successful sync was 312 s ago". A liveness probe on it restarts a program whose loop hangs.
+pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// A [`Health`] that is fine as long as the process answers.
+pub fn alive() -> Health {
+    Arc::new(|| Ok(()))
+}
+
 #[derive(Clone)]
 struct Endpoints {
     registry: Arc<Registry>,
     ready: watch::Receiver<bool>,
+    health: Health,
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown` resolves.
@@ -44,13 +55,18 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     ready: watch::Receiver<bool>,
+    health: Health,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Endpoints { registry, ready });
+        .with_state(Endpoints {
+            registry,
+            ready,
+            health,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -62,6 +78,13 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener
     tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| anyhow::anyhow!("binding {address}: {e}"))
+}
+
+async fn healthz(State(endpoints): State<Endpoints>) -> impl IntoResponse {
+    match (endpoints.health)() {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(why) => (StatusCode::INTERNAL_SERVER_ERROR, why),
+    }
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> impl IntoResponse {

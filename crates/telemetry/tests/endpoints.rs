@@ -33,15 +33,33 @@ async fn healthz_readyz_and_metrics() {
         .await
         .unwrap();
     let address = listener.local_addr().unwrap();
+    let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health: uwsgi_it_telemetry::Health = {
+        let stuck = stuck.clone();
+        Arc::new(move || {
+            if stuck.load(std::sync::atomic::Ordering::SeqCst) {
+                Err("the loop is stuck".to_owned())
+            } else {
+                Ok(())
+            }
+        })
+    };
     let server = tokio::spawn(uwsgi_it_telemetry::serve(
         listener,
         Arc::new(registry),
         ready_rx,
+        health,
         async {
             let _ = stopped.await;
         },
     ));
 
+    assert_eq!(get(address, "/healthz").await.0, 200);
+    stuck.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = get(address, "/healthz").await;
+    assert_eq!(status, 500);
+    assert!(body.ends_with("the loop is stuck"), "{body}");
+    stuck.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(get(address, "/healthz").await.0, 200);
     let (status, body) = get(address, "/readyz").await;
     assert_eq!(status, 503, "not ready before the caches synced: {body}");

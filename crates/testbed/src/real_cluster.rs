@@ -104,6 +104,11 @@ impl RealCluster {
         self.env(&key).parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
+    /// The network namespace of a server node (`server-1`): its host network, the agent's.
+    pub fn node_netns(&self, node: &str) -> Result<Netns> {
+        Netns::existing(&format!("uitc-{node}"))
+    }
+
     /// The namespace test traffic comes from (198.18.0.100, outside every server).
     pub fn client_netns(&self) -> Result<Netns> {
         Netns::existing(self.env("CLIENT_NETNS"))

@@ -101,6 +101,8 @@ pub struct AgentHandle {
     stop: Option<oneshot::Sender<()>>,
     pub metrics: Arc<Metrics>,
     pub ready: watch::Receiver<bool>,
+    /// What the agent's `/healthz` answers.
+    pub health: uwsgi_it_telemetry::Health,
 }
 
 impl AgentHandle {
@@ -335,6 +337,7 @@ pub fn start_agent(client: Client, node: &SimNode, config: OperatorConfig) -> Ag
     .unwrap();
     let metrics = agent.metrics();
     let ready = agent.ready();
+    let health = agent.health();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async move {
         let _ = stopped.await;
@@ -344,6 +347,7 @@ pub fn start_agent(client: Client, node: &SimNode, config: OperatorConfig) -> Ag
         stop: Some(stop),
         metrics,
         ready,
+        health,
     }
 }
 
