@@ -890,6 +890,8 @@ async fn customer_role_grants_exactly_the_security_model() {
         "system:authenticated",
     ];
     let as_controller = plane.client_as(&controller_sa, &sa_groups).await.unwrap();
+    // The controller writes only in customer namespaces (the chart's admission policy).
+    label_customer_namespace(&admin, &acme).await;
     let binding = |name: &str, role: &str| -> RoleBinding {
         serde_json::from_value(json!({
             "metadata": {"name": name},
@@ -1378,4 +1380,328 @@ async fn controller_and_agent_have_least_privilege() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Labels `namespace` as a customer's, as the controller does when it makes one.
+async fn label_customer_namespace(admin: &Client, namespace: &str) {
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .patch(
+            namespace,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"uwsgi.it/customer": namespace}}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// The API server's refusal of a request, with its message; panics if it was allowed.
+fn denied<T: std::fmt::Debug>(what: &str, result: Result<T, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 || status.code == 422 => status.message,
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+/// The chart's ValidatingAdmissionPolicies, with real tokens: an agent token bound to a Pod on
+/// node A can write only A's objects and only its own part of their status; the controller's
+/// token can put Pods, claims and RoleBindings only in customer namespaces and PersistentVolumes
+/// only under homeRoot. RBAC allows every one of the refused requests.
+#[tokio::test]
+async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_customer_namespaces() {
+    let installed = install().await;
+    let plane = installed.plane;
+    let admin = plane.client().await.unwrap();
+    let customer_ns = plane.namespace("vap-customer").await.unwrap();
+    label_customer_namespace(&admin, &customer_ns).await;
+    let other_ns = plane.namespace("vap-other").await.unwrap();
+    let suffix = std::process::id();
+    let (node_a, node_b) = (format!("vap-a-{suffix}"), format!("vap-b-{suffix}"));
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    for node in [&node_a, &node_b] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": node}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
+    // The agent's Pod on node A (no kubelet runs it: its token is what matters).
+    let agent_pod = format!("agent-on-a-{suffix}");
+    Api::<Pod>::namespaced(admin.clone(), NAMESPACE)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": agent_pod},
+                "spec": {"nodeName": node_a, "serviceAccountName": "rel-agent",
+                         "containers": [{"name": "agent", "image": "agent"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let agent_a = Client::try_from(
+        plane
+            .pod_bound_config(NAMESPACE, "rel-agent", &agent_pod)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let unbound_agent = plane
+        .service_account_client(NAMESPACE, "rel-agent")
+        .await
+        .unwrap();
+
+    // Two admitted containers, one per node, as the controller leaves them.
+    let admin_containers: Api<Container> = Api::namespaced(admin.clone(), &customer_ns);
+    for (name, node, uid) in [("on-a", &node_a, 40001), ("on-b", &node_b, 40002)] {
+        let mut c = container(name);
+        c.spec.server = node.clone();
+        admin_containers
+            .create(&PostParams::default(), &c)
+            .await
+            .unwrap();
+        admin_containers
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"uid": uid, "server": node, "conditions": [
+                    {"type": "Admitted", "status": "True", "reason": "Admitted", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+                ]}})),
+            )
+            .await
+            .unwrap();
+    }
+    let home_ready = |status: &str| {
+        json!({"apiVersion": "uwsgi.it/v1alpha1", "kind": "Container", "status": {"conditions": [
+            {"type": "HomeReady", "status": status, "reason": "HomeReady", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ]}})
+    };
+    let apply = PatchParams::apply("uwsgi-it-agent");
+    let as_agent: Api<Container> = Api::namespaced(agent_a.clone(), &customer_ns);
+    // Its own node's object, its own condition: allowed (RBAC settles first).
+    eventually(
+        "the agent writes HomeReady on its node",
+        RBAC_SETTLE,
+        || {
+            let as_agent = as_agent.clone();
+            let body = home_ready("True");
+            let apply = apply.clone();
+            async move {
+                as_agent
+                    .patch_status("on-a", &apply, &Patch::Apply(body))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    let message = denied(
+        "node A's agent writing node B's container",
+        as_agent
+            .patch_status("on-b", &apply, &Patch::Apply(home_ready("False")))
+            .await,
+    );
+    assert!(
+        message.contains("may only write the status of objects on its own node"),
+        "{message}"
+    );
+    // A uid, once set, is refused by the CRD's own rule; the policy keeps every other field of
+    // the controller's too (here the home path, which would send the agent to another home).
+    denied(
+        "node A's agent giving its container node B's uid",
+        as_agent
+            .patch_status(
+                "on-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"uid": 40002}})),
+            )
+            .await,
+    );
+    let message = denied(
+        "node A's agent pointing its container at another home",
+        as_agent
+            .patch_status(
+                "on-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"home": "/containers/40002"}})),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("status.home is the controller's"),
+        "{message}"
+    );
+    let message = denied(
+        "node A's agent moving its container to node B",
+        as_agent
+            .patch_status(
+                "on-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"server": node_b}})),
+            )
+            .await,
+    );
+    assert!(message.contains("another node"), "{message}");
+    let message = denied(
+        "node A's agent writing the controller's condition",
+        as_agent
+            .patch_status(
+                "on-a",
+                &PatchParams::apply("forged").force(),
+                &Patch::Apply(json!({"apiVersion": "uwsgi.it/v1alpha1", "kind": "Container", "status": {"conditions": [
+                    {"type": "Admitted", "status": "False", "reason": "Forged", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+                ]}})),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("only write its own conditions"),
+        "{message}"
+    );
+    let message = denied(
+        "the agent's ServiceAccount with a token not bound to its Pod",
+        Api::<Container>::namespaced(unbound_agent, &customer_ns)
+            .patch_status("on-a", &apply, &Patch::Apply(home_ready("False")))
+            .await,
+    );
+    assert!(message.contains("carries no node name"), "{message}");
+    let on_b = admin_containers.get("on-b").await.unwrap();
+    assert!(
+        uwsgi_it_api::condition::find(
+            uwsgi_it_api::condition::HasConditions::conditions(&on_b),
+            "HomeReady"
+        )
+        .is_none(),
+        "node B's container is untouched"
+    );
+
+    // The controller, with its real token.
+    let controller = plane
+        .service_account_client(NAMESPACE, "rel-controller")
+        .await
+        .unwrap();
+    let pod = |name: &str, host_path: bool| -> Pod {
+        let mut value = json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}
+        });
+        if host_path {
+            value["spec"]["volumes"] = json!([{"name": "root", "hostPath": {"path": "/"}}]);
+        }
+        serde_json::from_value(value).unwrap()
+    };
+    let in_customer: Api<Pod> = Api::namespaced(controller.clone(), &customer_ns);
+    eventually(
+        "the controller creates a Pod in a customer namespace",
+        RBAC_SETTLE,
+        || {
+            let in_customer = in_customer.clone();
+            let pod = pod("workload", false);
+            async move {
+                in_customer
+                    .create(&PostParams::default(), &pod)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    let message = denied(
+        "the controller's Pod in a namespace that is no customer's",
+        Api::<Pod>::namespaced(controller.clone(), &other_ns)
+            .create(&PostParams::default(), &pod("escape", false))
+            .await,
+    );
+    assert!(message.contains("only in customer namespaces"), "{message}");
+    let message = denied(
+        "the controller's Pod with the host's root mounted",
+        in_customer
+            .create(&PostParams::default(), &pod("host", true))
+            .await,
+    );
+    assert!(message.contains("no hostPath volume"), "{message}");
+
+    let volume =
+        |name: &str, path: &str, class: &str| -> k8s_openapi::api::core::v1::PersistentVolume {
+            serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": "1Mi"}, "accessModes": ["ReadWriteOnce"],
+                "storageClassName": class, "local": {"path": path},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node_a.clone()]}
+                ]}]}}
+            }
+        }))
+        .unwrap()
+        };
+    let volumes: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(controller.clone());
+    let home = format!("vap-home-{suffix}");
+    volumes
+        .create(
+            &PostParams::default(),
+            &volume(&home, "/containers/40001", "uwsgi-it-local"),
+        )
+        .await
+        .expect("a home volume under homeRoot");
+    // `..` is refused by the API server's own validation; the policy refuses the rest.
+    for (path, class, by_policy) in [
+        ("/etc", "uwsgi-it-local", true),
+        ("/containers", "uwsgi-it-local", true),
+        ("/containers/../etc", "uwsgi-it-local", false),
+        ("/containersx/1", "uwsgi-it-local", true),
+        ("/containers/40001", "fast-ssd", true),
+    ] {
+        let message = denied(
+            &format!("the controller's volume at {path} ({class})"),
+            volumes
+                .create(
+                    &PostParams::default(),
+                    &volume(&format!("vap-bad-{suffix}"), path, class),
+                )
+                .await,
+        );
+        if by_policy {
+            assert!(
+                message.contains("strictly under homeRoot /containers"),
+                "{path}: {message}"
+            );
+        }
+    }
+    let message = denied(
+        "the controller binding the customer role outside a customer namespace",
+        Api::<RoleBinding>::namespaced(controller.clone(), &other_ns)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "uwsgi-it-customer"},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "uwsgi-it-customer"},
+                    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}]
+                }))
+                .unwrap(),
+            )
+            .await,
+    );
+    assert!(message.contains("only in customer namespaces"), "{message}");
+    let message = denied(
+        "the controller turning another namespace into a customer's",
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(controller.clone())
+            .patch(
+                &other_ns,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"uwsgi.it/customer": "mallory"}}})),
+            )
+            .await,
+    );
+    assert!(message.contains("changes no other namespace"), "{message}");
+
+    // Cleanup of the cluster-scoped objects (namespaced ones go with their namespaces).
+    let _ = volumes.delete(&home, &DeleteParams::default()).await;
+    for node in [&node_a, &node_b] {
+        let _ = nodes.delete(node, &DeleteParams::default()).await;
+    }
 }

@@ -150,6 +150,11 @@ spec: {server: 203.0.113.10, memory: 1000, storage: 20000, distro: bookworm}",
     );
 
     step(
+        "server-2's agent, with its own Pod token, cannot write hydra's status (admission policy)",
+    );
+    agent_token_is_confined_to_its_node(cluster, &client).await;
+
+    step(
         "a vassal placed in the home as the customer would, mapped tcp 9000 -> 8000 and udp 9001 -> 8001",
     );
     write_app(&home, uid, "app", 8000, Some(8001), "hello from hydra");
@@ -525,5 +530,62 @@ impl Probe {
             self.answered.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// The token the kubelet projected into server-2's agent Pod (read from that kubelet's volume
+/// directory) writing the status of a server-1 object: the chart's admission policy refuses it.
+async fn agent_token_is_confined_to_its_node(cluster: &RealCluster, client: &kube::Client) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM);
+    let agents = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+        .await
+        .expect("the agent Pods");
+    let on_server_2 = agents
+        .items
+        .iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("server-2"))
+        .expect("an agent Pod on server-2");
+    let uid = on_server_2.metadata.uid.clone().unwrap();
+    let volumes = std::path::PathBuf::from(cluster.env("KUBECONFIG"))
+        .parent()
+        .unwrap()
+        .join(format!(
+            "nodes/server-2/kubelet/pods/{uid}/volumes/kubernetes.io~projected"
+        ));
+    let token = std::fs::read_dir(&volumes)
+        .unwrap_or_else(|e| panic!("{}: {e}", volumes.display()))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("token")).ok())
+        .next()
+        .expect("the agent Pod's projected token");
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(cluster.kubeconfig()).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.trim().to_owned().into()),
+        ..Default::default()
+    };
+    let as_agent_2: Api<Container> =
+        Api::namespaced(kube::Client::try_from(config).unwrap(), CUSTOMER);
+    let forged = serde_json::json!({"status": {"conditions": [{"type": "HomeReady", "status": "False",
+        "reason": "Forged", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    match as_agent_2
+        .patch_status(
+            "hydra",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(forged),
+        )
+        .await
+    {
+        Err(kube::Error::Api(status)) => assert!(
+            status
+                .message
+                .contains("may only write the status of objects on its own node"),
+            "{status:?}"
+        ),
+        other => panic!("server-2's agent patched hydra: {other:?}"),
     }
 }

@@ -17,7 +17,7 @@ use uwsgi_it_testbed::real_cluster::{
 use super::{CUSTOMER, WAIT, cluster_apply, step};
 
 /// The public port of the consumer's app.
-const PUBLIC_PORT: u16 = 9100;
+const PUBLIC_PORT: u16 = 9200;
 const PRIVATE_PORT: u16 = 8000;
 
 pub async fn scenario(cluster: &RealCluster, client: &Client) {

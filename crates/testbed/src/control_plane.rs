@@ -263,10 +263,41 @@ impl ControlPlane {
     /// The configuration behind [`ControlPlane::service_account_client`], for callers that
     /// build their client on a runtime of their own.
     pub async fn service_account_config(&self, namespace: &str, name: &str) -> Result<Config> {
+        self.token_config(namespace, name, None).await
+    }
+
+    /// Like [`ControlPlane::service_account_config`], with the token bound to the Pod `pod` of
+    /// `namespace` as the kubelet's projected tokens are: the API server adds the Pod's node
+    /// (`authentication.kubernetes.io/node-name`) to the identity, which admission policies read.
+    pub async fn pod_bound_config(&self, namespace: &str, name: &str, pod: &str) -> Result<Config> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client().await?, namespace);
+        let uid = pods
+            .get(pod)
+            .await
+            .with_context(|| format!("Pod {namespace}/{pod}"))?
+            .metadata
+            .uid;
+        let bound = k8s_openapi::api::authentication::v1::BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.into()),
+            uid,
+        };
+        self.token_config(namespace, name, Some(bound)).await
+    }
+
+    async fn token_config(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound: Option<k8s_openapi::api::authentication::v1::BoundObjectReference>,
+    ) -> Result<Config> {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 expiration_seconds: Some(24 * 3600),
+                bound_object_ref: bound,
                 ..TokenRequestSpec::default()
             },
             ..TokenRequest::default()
