@@ -247,9 +247,30 @@ impl Cluster {
                 "conditions": [condition_json("Admitted")],
             },
         });
-        self.containers()
+        let created = self
+            .containers()
             .patch_status(CONTAINER, &controller_apply(), &Patch::Apply(status))
             .await?;
+        // Its workload Pod, as the controller makes it and a kubelet reports it: the agent
+        // forwards only to a container's own Pod on its node. (The container's address is a
+        // veth in the benchmark's topology; no kubelet runs here.)
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client.clone(), &self.namespace);
+        let pod = serde_json::from_value(json!({
+            "metadata": {"name": CONTAINER, "ownerReferences": [{
+                "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container", "name": CONTAINER,
+                "uid": created.metadata.uid, "controller": true}]},
+            "spec": {"nodeName": self.node, "containers": [{"name": "main", "image": "none"}]},
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        pods.patch_status(
+            CONTAINER,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Running", "podIP": CONTAINER_ADDRESS.to_string()}}),
+            ),
+        )
+        .await?;
         Ok(())
     }
 

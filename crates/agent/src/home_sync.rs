@@ -78,13 +78,73 @@ fn placed_uid(container: &Container) -> Option<u32> {
     u32::try_from(status.uid?).ok()
 }
 
+/// The containers that claim a uid another container of this node holds: the one whose home
+/// this agent already reported ready, else the earliest (creation time, then namespace and
+/// name). uids are never handed out twice, so a second claim is a forged or corrupted status;
+/// its home would be the other container's home, keys included. Pure.
+pub fn second_claims(containers: &[Arc<Container>]) -> HashMap<(String, String), String> {
+    let mut ordered: Vec<&Arc<Container>> = containers.iter().collect();
+    ordered.sort_by_key(|c| {
+        (
+            !condition::is_true(c.conditions(), HOME_READY),
+            c.meta().creation_timestamp.clone().map(|t| t.0),
+            c.namespace(),
+            c.name_any(),
+        )
+    });
+    let mut holders: HashMap<u32, String> = HashMap::new();
+    let mut seconds = HashMap::new();
+    for container in ordered {
+        let Some(uid) = placed_uid(container) else {
+            continue;
+        };
+        let name = format!(
+            "{}/{}",
+            container.namespace().unwrap_or_default(),
+            container.name_any()
+        );
+        match holders.get(&uid) {
+            Some(holder) => {
+                seconds.insert(
+                    (
+                        container.namespace().unwrap_or_default(),
+                        container.name_any(),
+                    ),
+                    holder.clone(),
+                );
+            }
+            None => {
+                holders.insert(uid, name);
+            }
+        }
+    }
+    seconds
+}
+
 async fn homes_pass(ctx: &Context, state: &mut HomesState, full: bool) {
     let containers = Caches::mine(&ctx.caches.containers, &ctx.node);
+    let seconds = second_claims(&containers);
     let mut homes = 0;
     for container in &containers {
         let Some(uid) = placed_uid(container) else {
             continue;
         };
+        let key = (
+            container.namespace().unwrap_or_default(),
+            container.name_any(),
+        );
+        if let Some(holder) = seconds.get(&key) {
+            let refused = DesiredCondition::new(
+                HOME_READY,
+                false,
+                "UidClaimedTwice",
+                format!(
+                    "uid {uid} belongs to {holder}, which claimed it first; this container gets no home and no keys"
+                ),
+            );
+            write(ctx, container, std::slice::from_ref(&refused)).await;
+            continue;
+        }
         if container.meta().deletion_timestamp.is_some() {
             release(ctx, state, container, uid).await;
             continue;
@@ -345,5 +405,54 @@ async fn write(ctx: &Context, container: &Container, desired: &[DesiredCondition
             namespace = container.namespace().unwrap_or_default(),
             "could not report the home's conditions"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use serde_json::json;
+
+    fn container(ns: &str, name: &str, created: i64, uid: Option<i64>) -> Arc<Container> {
+        let mut c: Container = serde_json::from_value(json!({
+            "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"server": "n1", "memory": 1, "storage": 1},
+            "status": {"uid": uid, "server": "n1", "reserved": {"memory": 1, "storage": 1}},
+        }))
+        .unwrap();
+        c.metadata.creation_timestamp = Some(Time(jiff::Timestamp::from_second(created).unwrap()));
+        Arc::new(c)
+    }
+
+    #[test]
+    fn a_home_already_ready_keeps_its_uid_whatever_the_names_and_times() {
+        let mut victim = (*container("zeta", "victim", 10, Some(30001))).clone();
+        victim.status.as_mut().unwrap().conditions = vec![
+            serde_json::from_value(json!({
+            "type": "HomeReady", "status": "True", "reason": "HomeReady", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}))
+            .unwrap(),
+        ];
+        // Created in the same second, with a name that sorts first.
+        let seconds =
+            second_claims(&[container("aaa", "thief", 10, Some(30001)), Arc::new(victim)]);
+        assert_eq!(seconds.len(), 1);
+        assert_eq!(seconds[&("aaa".into(), "thief".into())], "zeta/victim");
+    }
+
+    #[test]
+    fn the_first_claim_of_a_uid_keeps_it_and_later_ones_get_nothing() {
+        let seconds = second_claims(&[
+            container("mallory", "thief", 20, Some(30001)),
+            container("acme", "victim", 10, Some(30001)),
+            container("acme", "other", 5, Some(30002)),
+            container("acme", "unplaced", 1, None),
+            container("bob", "thief-2", 30, Some(30001)),
+        ]);
+        assert_eq!(seconds.len(), 2, "{seconds:?}");
+        assert_eq!(seconds[&("mallory".into(), "thief".into())], "acme/victim");
+        assert_eq!(seconds[&("bob".into(), "thief-2".into())], "acme/victim");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod, PodSpec, PodStatus};
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -125,6 +125,9 @@ pub(crate) struct Caches {
     pub distros: Store<CustomDistro>,
     pub node: Store<Node>,
     pub server: Store<Server>,
+    /// The Pods on this node (`spec.nodeName`), trimmed to what checking a forward target
+    /// needs: name, owner, node and address.
+    pub pods: Store<Pod>,
 }
 
 impl Caches {
@@ -171,6 +174,14 @@ impl Caches {
             |t| t.forwarding.notify_one(),
             tasks,
         );
+        let pods = watch_trimmed(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            trim_pod,
+            triggers,
+            |t| t.forwarding.notify_one(),
+            tasks,
+        );
         let node = watch(
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
@@ -184,22 +195,25 @@ impl Caches {
             distros,
             node,
             server,
+            pods,
         }
     }
 
     /// Resolves once every cache has listed its objects once.
     pub async fn wait_until_ready(&self) -> anyhow::Result<()> {
-        let (a, b, c, d, e) = tokio::join!(
+        let (a, b, c, d, e, f) = tokio::join!(
             self.containers.wait_until_ready(),
             self.mappings.wait_until_ready(),
             self.distros.wait_until_ready(),
             self.node.wait_until_ready(),
             self.server.wait_until_ready(),
+            self.pods.wait_until_ready(),
         );
         a.and(b)
             .and(c)
             .and(d)
             .and(e)
+            .and(f)
             .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
@@ -207,6 +221,23 @@ impl Caches {
     pub fn mine<K: NodeObject>(store: &Store<K>, node: &str) -> Vec<Arc<K>> {
         store.state_filter(|object| on_node(object, node))
     }
+}
+
+/// Keeps of a Pod only its name, namespace, uid, owners, node, phase and address.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.labels = None;
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    pod.spec = Some(PodSpec {
+        node_name,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        ..PodStatus::default()
+    });
 }
 
 fn watch<K>(
@@ -220,8 +251,24 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Eq + Hash + Clone,
 {
+    watch_trimmed(api, config, |_| {}, triggers, on_change, tasks)
+}
+
+/// [`watch`], with `trim` applied to every object before it is cached.
+fn watch_trimmed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    triggers: &Arc<Triggers>,
+    on_change: fn(&Triggers),
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(trim));
     let triggers = triggers.clone();
     let kind = K::kind(&()).into_owned();
     tasks.spawn(async move {

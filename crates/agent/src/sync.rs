@@ -18,17 +18,17 @@
 //! an API outage (where the caches keep their last state) never writes an emptier ruleset than
 //! the one that is working.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
-use uwsgi_it_api::PortMapping;
 use uwsgi_it_api::condition::{self, ACCEPTED, PROGRAMMED};
+use uwsgi_it_api::{Container, PortMapping};
 use uwsgi_it_domain::forwarding::{Forward, ForwardingRuleset, Ipv4Cidr, Protocol};
 use uwsgi_it_domain::ports::{MappingRefusal, PortPolicy};
 
@@ -67,6 +67,9 @@ pub enum Outcome {
     /// A socket of the node already listens on the public port; a forward would take its
     /// traffic.
     HostListening(Listener),
+    /// `status.target` is not the address and private port of the mapping's container's own
+    /// Pod on this node (a status forged, or gone stale).
+    UnverifiedTarget(String),
 }
 
 impl Outcome {
@@ -102,6 +105,7 @@ impl Outcome {
                 format!("{holder} holds this protocol and public port on the node"),
             ),
             Outcome::Refused(refusal) => false_(refusal.reason(), refusal.to_string()),
+            Outcome::UnverifiedTarget(message) => false_("TargetUnverified", message.clone()),
             Outcome::HostListening(listener) => false_(
                 "HostListening",
                 format!(
@@ -119,10 +123,98 @@ pub struct ForwardingPlan {
     pub verdicts: Vec<(Arc<PortMapping>, Outcome)>,
 }
 
+/// What the agent sees of this node's workloads, to check every forward target itself: the
+/// Containers placed on this node and the Pods bound to it.
+#[derive(Debug, Clone, Default)]
+pub struct Workloads {
+    /// (namespace, name) → uid of the Containers on this node.
+    containers: HashMap<(String, String), String>,
+    /// (namespace, name) → (uid of its controlling owner, IPv4 address) of the Pods on it.
+    pods: HashMap<(String, String), (Option<String>, Option<std::net::Ipv4Addr>)>,
+}
+
+impl Workloads {
+    /// From the caches; `containers` already this node's, `pods` those bound to `node`.
+    pub fn new(containers: &[Arc<Container>], pods: &[Arc<Pod>], node: &str) -> Workloads {
+        let key = |meta: &kube::api::ObjectMeta| {
+            (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        Workloads {
+            containers: containers
+                .iter()
+                .filter_map(|c| Some((key(c.meta()), c.meta().uid.clone()?)))
+                .collect(),
+            pods: pods
+                .iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+                .map(|p| {
+                    let owner = p
+                        .meta()
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|o| o.controller == Some(true) && o.kind == "Container")
+                        .map(|o| o.uid.clone());
+                    let ip = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.as_deref())
+                        .and_then(|ip| ip.parse().ok());
+                    (key(p.meta()), (owner, ip))
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `target` is the address of `container`'s own Pod on this node at `private_port`.
+    fn verify(
+        &self,
+        namespace: &str,
+        container: &str,
+        target: SocketAddrV4,
+        private_port: i32,
+    ) -> Result<(), String> {
+        let key = (namespace.to_owned(), container.to_owned());
+        let uid = self
+            .containers
+            .get(&key)
+            .ok_or_else(|| format!("container {container} is not on this node"))?;
+        let (owner, ip) = self
+            .pods
+            .get(&key)
+            .ok_or_else(|| format!("container {container} has no Pod on this node"))?;
+        if owner.as_ref() != Some(uid) {
+            return Err(format!(
+                "Pod {container} on this node is not container {container}'s workload"
+            ));
+        }
+        if *ip != Some(*target.ip()) {
+            let actual = ip.map_or_else(|| "none yet".to_owned(), |ip| ip.to_string());
+            return Err(format!(
+                "status.target {target} is not the address of container {container}'s Pod ({actual})"
+            ));
+        }
+        if i32::from(target.port()) != private_port {
+            return Err(format!(
+                "status.target {target} is not the mapping's privatePort {private_port}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Decides which of the node's mappings are forwarded. Pure: the caller has already kept only
 /// this node's mappings. Earlier mappings (creation time, then namespace/name) win a port, as
-/// in the controller's admission; a port outside `policy` is never forwarded.
-pub fn plan_forwards(mappings: &[Arc<PortMapping>], policy: &PortPolicy) -> ForwardingPlan {
+/// in the controller's admission; a port outside `policy` is never forwarded, nor a target that
+/// is not the container's own Pod on this node.
+pub fn plan_forwards(
+    mappings: &[Arc<PortMapping>],
+    policy: &PortPolicy,
+    workloads: &Workloads,
+) -> ForwardingPlan {
     let mut ordered: Vec<&Arc<PortMapping>> = mappings.iter().collect();
     ordered.sort_by_key(|m| {
         (
@@ -134,7 +226,7 @@ pub fn plan_forwards(mappings: &[Arc<PortMapping>], policy: &PortPolicy) -> Forw
     let mut holders: BTreeMap<(Protocol, u16), String> = BTreeMap::new();
     let mut plan = ForwardingPlan::default();
     for mapping in ordered {
-        let outcome = outcome_of(mapping, policy, &mut holders);
+        let outcome = outcome_of(mapping, policy, workloads, &mut holders);
         if let Outcome::Forward(forward) = &outcome {
             plan.forwards.push(*forward);
         }
@@ -171,6 +263,7 @@ pub fn exclude_listened(
 fn outcome_of(
     mapping: &PortMapping,
     policy: &PortPolicy,
+    workloads: &Workloads,
     holders: &mut BTreeMap<(Protocol, u16), String>,
 ) -> Outcome {
     if mapping.meta().deletion_timestamp.is_some() {
@@ -196,6 +289,14 @@ fn outcome_of(
     };
     if let Some(refusal) = policy.refusal(public_port) {
         return Outcome::Refused(refusal);
+    }
+    if let Err(why) = workloads.verify(
+        &mapping.namespace().unwrap_or_default(),
+        &mapping.spec.container,
+        target,
+        mapping.spec.private_port,
+    ) {
+        return Outcome::UnverifiedTarget(why);
     }
     let protocol = match mapping.spec.proto {
         uwsgi_it_api::Protocol::Tcp => Protocol::Tcp,
@@ -281,7 +382,9 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
     let started = Instant::now();
     let mappings = Caches::mine(&ctx.caches.mappings, &ctx.node);
     let node = ctx.caches.node.state().into_iter().next();
-    let mut plan = plan_forwards(&mappings, &ctx.config.port_policy);
+    let containers = Caches::mine(&ctx.caches.containers, &ctx.node);
+    let workloads = Workloads::new(&containers, &ctx.caches.pods.state(), &ctx.node);
+    let mut plan = plan_forwards(&mappings, &ctx.config.port_policy, &workloads);
     let public = public_address(ctx, node.as_deref()).await;
     let networks = container_networks(node.as_deref(), &ctx.container_networks);
     if let Some(address) = public
@@ -450,7 +553,9 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
 
-    fn mapping(
+    /// A mapping of `acme/<container>` on node n1, private port 8000.
+    fn mapping_of(
+        container: &str,
         name: &str,
         created: i64,
         proto: &str,
@@ -468,7 +573,7 @@ mod tests {
             "apiVersion": "uwsgi.it/v1alpha1",
             "kind": "PortMapping",
             "metadata": {"name": name, "namespace": "acme"},
-            "spec": {"container": "hydra", "proto": proto, "publicPort": port, "privatePort": 8000},
+            "spec": {"container": container, "proto": proto, "publicPort": port, "privatePort": 8000},
             "status": status,
         }))
         .unwrap();
@@ -477,16 +582,72 @@ mod tests {
         Arc::new(object)
     }
 
+    fn mapping(
+        name: &str,
+        created: i64,
+        proto: &str,
+        port: i32,
+        target: Option<&str>,
+    ) -> Arc<PortMapping> {
+        mapping_of("hydra", name, created, proto, port, target)
+    }
+
+    /// Containers on n1 and their Pods: acme/hydra at 10.244.1.2, acme/medusa at 10.244.1.3,
+    /// globex/victim at 10.244.1.9; acme/orphan has a Pod not owned by it; acme/faraway's
+    /// Pod runs on another node.
+    fn workloads() -> Workloads {
+        let container = |ns: &str, name: &str| -> Arc<Container> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container",
+                    "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
+                    "spec": {"server": "n1", "memory": 1, "storage": 1},
+                }))
+                .unwrap(),
+            )
+        };
+        let pod = |ns: &str, name: &str, owner: &str, node: &str, ip: &str| -> Arc<Pod> {
+            Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": name, "namespace": ns, "ownerReferences": [{
+                        "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container", "name": name,
+                        "uid": format!("uid-{owner}"), "controller": true}]},
+                    "spec": {"nodeName": node, "containers": []},
+                    "status": {"podIP": ip},
+                }))
+                .unwrap(),
+            )
+        };
+        Workloads::new(
+            &[
+                container("acme", "hydra"),
+                container("acme", "medusa"),
+                container("globex", "victim"),
+                container("acme", "orphan"),
+                container("acme", "faraway"),
+            ],
+            &[
+                pod("acme", "hydra", "hydra", "n1", "10.244.1.2"),
+                pod("acme", "medusa", "medusa", "n1", "10.244.1.3"),
+                pod("globex", "victim", "victim", "n1", "10.244.1.9"),
+                pod("acme", "orphan", "someone-else", "n1", "10.244.1.4"),
+                pod("acme", "faraway", "faraway", "n2", "10.244.2.5"),
+            ],
+            "n1",
+        )
+    }
+
+    fn plan(mappings: &[Arc<PortMapping>]) -> ForwardingPlan {
+        plan_forwards(mappings, &PortPolicy::default(), &workloads())
+    }
+
     #[test]
     fn the_earlier_mapping_keeps_a_port() {
-        let plan = plan_forwards(
-            &[
-                mapping("late", 20, "tcp", 9000, Some("10.244.1.3:8000")),
-                mapping("early", 10, "tcp", 9000, Some("10.244.1.2:8000")),
-                mapping("udp", 30, "udp", 9000, Some("10.244.1.3:8000")),
-            ],
-            &PortPolicy::default(),
-        );
+        let plan = plan(&[
+            mapping_of("medusa", "late", 20, "tcp", 9000, Some("10.244.1.3:8000")),
+            mapping("early", 10, "tcp", 9000, Some("10.244.1.2:8000")),
+            mapping_of("medusa", "udp", 30, "udp", 9000, Some("10.244.1.3:8000")),
+        ]);
         assert_eq!(plan.forwards.len(), 2);
         assert_eq!(
             plan.forwards[0].target,
@@ -508,31 +669,69 @@ mod tests {
 
     #[test]
     fn unusable_mappings_are_left_out_with_a_reason() {
-        let plan = plan_forwards(
-            &[
-                mapping("no-target", 1, "tcp", 9000, None),
-                mapping("loopback", 2, "tcp", 9001, Some("127.0.0.1:8000")),
-                mapping("garbage", 3, "tcp", 9002, Some("hydra:8000")),
-            ],
-            &PortPolicy::default(),
-        );
+        let plan = plan(&[
+            mapping("no-target", 1, "tcp", 9000, None),
+            mapping("loopback", 2, "tcp", 9001, Some("127.0.0.1:8000")),
+            mapping("garbage", 3, "tcp", 9002, Some("hydra:8000")),
+        ]);
         assert!(plan.forwards.is_empty());
         assert_eq!(plan.verdicts[0].1, Outcome::WaitingForTarget);
-        assert!(matches!(plan.verdicts[1].1, Outcome::InvalidTarget(_)));
+        assert!(matches!(plan.verdicts[1].1, Outcome::UnverifiedTarget(_)));
         assert!(matches!(plan.verdicts[2].1, Outcome::InvalidTarget(_)));
     }
 
     #[test]
+    fn a_target_that_is_not_the_containers_own_pod_is_never_forwarded() {
+        let cases = [
+            // The cloud metadata service, a node address, another customer's Pod.
+            (
+                "hydra",
+                "169.254.169.254:80",
+                "is not the address of container hydra's Pod",
+            ),
+            (
+                "hydra",
+                "198.18.0.11:8000",
+                "is not the address of container hydra's Pod",
+            ),
+            (
+                "hydra",
+                "10.244.1.9:8000",
+                "is not the address of container hydra's Pod",
+            ),
+            // The right Pod, another port than the mapping's.
+            (
+                "hydra",
+                "10.244.1.2:22",
+                "is not the mapping's privatePort 8000",
+            ),
+            (
+                "orphan",
+                "10.244.1.4:8000",
+                "is not container orphan's workload",
+            ),
+            ("faraway", "10.244.2.5:8000", "has no Pod on this node"),
+            ("ghost", "10.244.1.2:8000", "is not on this node"),
+        ];
+        for (container, target, why) in cases {
+            let plan = plan(&[mapping_of(container, "m", 1, "tcp", 9000, Some(target))]);
+            assert!(plan.forwards.is_empty(), "{container} {target}");
+            let condition = plan.verdicts[0].1.condition(None);
+            assert_eq!(condition.reason, "TargetUnverified");
+            assert!(condition.message.contains(why), "{target}: {condition:?}");
+        }
+        let plan = plan(&[mapping("m", 1, "tcp", 9000, Some("10.244.1.2:8000"))]);
+        assert_eq!(plan.forwards.len(), 1);
+    }
+
+    #[test]
     fn reserved_and_out_of_range_ports_are_never_forwarded() {
-        let plan = plan_forwards(
-            &[
-                mapping("apiserver", 1, "tcp", 6443, Some("10.244.1.2:8000")),
-                mapping("vxlan", 2, "udp", 8472, Some("10.244.1.2:8000")),
-                mapping("ssh", 3, "tcp", 22, Some("10.244.1.2:8000")),
-                mapping("web", 4, "tcp", 9000, Some("10.244.1.2:8000")),
-            ],
-            &PortPolicy::default(),
-        );
+        let plan = plan(&[
+            mapping("apiserver", 1, "tcp", 6443, Some("10.244.1.2:8000")),
+            mapping("vxlan", 2, "udp", 8472, Some("10.244.1.2:8000")),
+            mapping("ssh", 3, "tcp", 22, Some("10.244.1.2:8000")),
+            mapping("web", 4, "tcp", 9000, Some("10.244.1.2:8000")),
+        ]);
         assert_eq!(plan.forwards.len(), 1, "{plan:?}");
         assert_eq!(plan.forwards[0].public_port, 9000);
         let reasons: Vec<_> = plan
@@ -553,13 +752,10 @@ mod tests {
 
     #[test]
     fn a_port_the_node_listens_on_is_taken_out_of_the_plan() {
-        let mut plan = plan_forwards(
-            &[
-                mapping("taken", 1, "tcp", 9000, Some("10.244.1.2:8000")),
-                mapping("free", 2, "tcp", 9001, Some("10.244.1.2:8000")),
-            ],
-            &PortPolicy::default(),
-        );
+        let mut plan = plan(&[
+            mapping("taken", 1, "tcp", 9000, Some("10.244.1.2:8000")),
+            mapping("free", 2, "tcp", 9001, Some("10.244.1.2:8000")),
+        ]);
         let listener = Listener {
             protocol: Protocol::Tcp,
             address: "0.0.0.0".parse().unwrap(),

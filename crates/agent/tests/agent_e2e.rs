@@ -199,6 +199,54 @@ async fn infrastructure_and_listened_ports_are_never_forwarded_whatever_the_stat
             condition_where(&world.mappings(), name, PROGRAMMED, |c| c.status == "False").await;
         assert_eq!(refused.reason, reason, "{proto}/{port}: {refused:?}");
     }
+    // Targets that are not hydra's own Pod: the cloud metadata service, the node itself, and
+    // another container's Pod on the same node.
+    create(
+        &world.containers(),
+        json!({
+            "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container",
+            "metadata": {"name": "neighbour", "namespace": world.namespace},
+            "spec": {"server": node.name, "memory": 100, "storage": 100},
+        }),
+    )
+    .await;
+    write_container_status_as_controller(&world, "neighbour", node, 30002, vec![]).await;
+    let neighbour = run_pod(&world, "neighbour", node, &[]).await;
+    let forged = [
+        (
+            "forged-metadata",
+            "169.254.169.254:80".parse().unwrap(),
+            9010,
+        ),
+        (
+            "forged-node",
+            SocketAddrV4::new(node.public, PRIVATE_PORT),
+            9011,
+        ),
+        (
+            "forged-neighbour",
+            SocketAddrV4::new(neighbour, PRIVATE_PORT),
+            9012,
+        ),
+    ];
+    for (name, target, port) in forged {
+        create(
+            &world.mappings(),
+            json!({
+                "apiVersion": "uwsgi.it/v1alpha1", "kind": "PortMapping",
+                "metadata": {"name": name, "namespace": world.namespace},
+                "spec": {"container": "hydra", "proto": "tcp", "publicPort": port, "privatePort": PRIVATE_PORT},
+            }),
+        )
+        .await;
+        write_mapping_status_as_controller(&world, name, node, true, Some(target)).await;
+    }
+    for (name, target, _) in forged {
+        let refused =
+            condition_where(&world.mappings(), name, PROGRAMMED, |c| c.status == "False").await;
+        assert_eq!(refused.reason, "TargetUnverified", "{target}: {refused:?}");
+        assert!(refused.message.contains("hydra's Pod"), "{refused:?}");
+    }
     agent.wait_ready().await;
     assert_eq!(
         agent.metrics.forwards_programmed(),
@@ -662,6 +710,50 @@ async fn homes_follow_their_containers_with_written_controller_status() {
         )
         .await
         .unwrap();
+}
+
+/// A status that gives a second container a uid that another already holds (forged, or
+/// corrupted): the first keeps its home and keys, the second gets neither.
+#[tokio::test]
+async fn a_uid_claimed_twice_never_gets_the_home_or_its_keys() {
+    let plane = plane_with_crds().await;
+    let world = World::new(plane, Backend::Nftables, 1, vec![PRIVATE_PORT]).await;
+    let mut agent = world.start_agent(1);
+    let node = world.node(1);
+    for (name, key) in [("victim", ssh_keys::ALICE), ("thief", ssh_keys::MALLORY)] {
+        create(
+            &world.containers(),
+            json!({
+                "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container",
+                "metadata": {"name": name, "namespace": world.namespace},
+                "spec": {"server": node.name, "memory": 100, "storage": 100, "sshKeys": [key]},
+            }),
+        )
+        .await;
+        write_container_status_as_controller(&world, name, node, 30040, vec![]).await;
+        if name == "victim" {
+            condition_where(&world.containers(), "victim", HOME_READY, |c| {
+                c.status == "True"
+            })
+            .await;
+        }
+    }
+    let refused = condition_where(&world.containers(), "thief", HOME_READY, |c| {
+        c.status == "False"
+    })
+    .await;
+    assert_eq!(refused.reason, "UidClaimedTwice", "{refused:?}");
+    assert!(refused.message.contains("victim"), "{refused:?}");
+    agent.wait_ready().await;
+    let keys = std::fs::read_to_string(node.home_root.join("30040/.ssh/authorized_keys")).unwrap();
+    assert!(keys.contains(ssh_keys::ALICE), "{keys}");
+    assert!(
+        !keys.contains("mallory"),
+        "the thief's key reached the victim's home: {keys}"
+    );
+    let victim = condition_where(&world.containers(), "victim", HOME_READY, |_| true).await;
+    assert_eq!(victim.status, "True", "{victim:?}");
+    agent.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -488,10 +488,15 @@ pub async fn run_pod(
         .iter()
         .map(|p| json!({"containerPort": p}))
         .collect();
+    // Owned by its Container, as the controller's workload Pods are: the agent forwards only to
+    // a container's own Pod.
+    let container = world.containers().get(name).await.unwrap();
     create(
         &world.pods(),
         json!({
-            "metadata": {"name": name, "namespace": world.namespace},
+            "metadata": {"name": name, "namespace": world.namespace, "ownerReferences": [{
+                "apiVersion": "uwsgi.it/v1alpha1", "kind": "Container", "name": name,
+                "uid": container.metadata.uid, "controller": true}]},
             "spec": {
                 "nodeName": node.name,
                 "containers": [{"name": "main", "image": "example.invalid/distro", "ports": ports}],
