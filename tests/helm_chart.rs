@@ -1498,6 +1498,24 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
         },
     )
     .await;
+    // The API server loads a new policy a moment after it is stored: wait (with dry runs, which
+    // change nothing) until it refuses.
+    eventually("the agent policy is in force", RBAC_SETTLE, || {
+        let as_agent = as_agent.clone();
+        let body = home_ready("False");
+        async move {
+            let mut params = PatchParams::apply("uwsgi-it-agent");
+            params.dry_run = true;
+            match as_agent
+                .patch_status("on-b", &params, &Patch::Apply(body))
+                .await
+            {
+                Err(kube::Error::Api(status)) if status.code == 403 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
     let message = denied(
         "node A's agent writing node B's container",
         as_agent
@@ -1609,6 +1627,21 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
             }
         },
     )
+    .await;
+    eventually("the controller policy is in force", RBAC_SETTLE, || {
+        let pods = Api::<Pod>::namespaced(controller.clone(), &other_ns);
+        let pod = pod("probe", false);
+        async move {
+            let params = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            match pods.create(&params, &pod).await {
+                Err(kube::Error::Api(status)) if status.code == 403 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
     .await;
     let message = denied(
         "the controller's Pod in a namespace that is no customer's",

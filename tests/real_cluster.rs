@@ -73,16 +73,28 @@ spec: {servers: [server-1, server-2], users: [alice]}",
     wait_condition(&customers, CUSTOMER, "Ready", WAIT)
         .await
         .expect("the customer's namespace is made");
-    // Pod Security admission enforces `restricted` here: a workload Pod that did not meet it
-    // would be refused at creation and the container would never run.
-    cluster
-        .kubectl_run(&[
-            "label",
-            "namespace",
-            CUSTOMER,
-            "pod-security.kubernetes.io/enforce=restricted",
-        ])
-        .expect("labelling the customer namespace");
+    // The controller labels the namespace for Pod Security (enforce baseline; warn and audit
+    // restricted) and gives it its isolation NetworkPolicy.
+    let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .get(CUSTOMER)
+        .await
+        .expect("the customer's namespace");
+    let labels = namespace.metadata.labels.unwrap_or_default();
+    for (key, value) in [
+        ("pod-security.kubernetes.io/enforce", "baseline"),
+        ("pod-security.kubernetes.io/warn", "restricted"),
+        ("pod-security.kubernetes.io/audit", "restricted"),
+    ] {
+        assert_eq!(
+            labels.get(key).map(String::as_str),
+            Some(value),
+            "{labels:?}"
+        );
+    }
+    Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(client.clone(), CUSTOMER)
+        .get("uwsgi-it-isolation")
+        .await
+        .expect("the customer's isolation NetworkPolicy");
     crash_loops.check(cluster);
 
     step("the agents' endpoints answer on their node's loopback only, never on a public address");

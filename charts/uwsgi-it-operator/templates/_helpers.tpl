@@ -82,6 +82,10 @@ distros: {}
 {{- if $c.customDistroImage }}
 customDistroImage: {{ $c.customDistroImage | toString | toJson }}
 {{- end }}
+podNetworks:
+{{- range $c.podNetworks }}
+  - {{ . | toString | toJson }}
+{{- end }}
 publicPorts: {{ $c.publicPorts | toString | toJson }}
 reservedPorts:
 {{- range $c.reservedPorts }}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -184,6 +185,48 @@ async fn claim_refusal(
     }
 }
 
+/// The NetworkPolicy of every customer namespace.
+pub const ISOLATION_POLICY: &str = "uwsgi-it-isolation";
+
+/// Pod Security on customer namespaces: `baseline` enforced (a custom distro's Pod needs no
+/// more, a platform one meets `restricted`), `restricted` warned and audited.
+const POD_SECURITY_LABELS: [(&str, &str); 4] = [
+    ("pod-security.kubernetes.io/enforce", "baseline"),
+    ("pod-security.kubernetes.io/enforce-version", "latest"),
+    ("pod-security.kubernetes.io/warn", "restricted"),
+    ("pod-security.kubernetes.io/audit", "restricted"),
+];
+
+/// The customer namespace's NetworkPolicy: its Pods accept connections from the namespace's own
+/// Pods, from namespaces that are no customer's (the supplier's monitoring, ingress), and from
+/// any address outside `podNetworks` (clients through the public forwards keep their address);
+/// so never from another customer's Pods. Egress is open: customers' apps reach the Internet,
+/// and another customer's Pods refuse them by their own policy.
+pub fn isolation_policy(
+    namespace: &str,
+    customer: &str,
+    pod_networks: &[String],
+) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": ISOLATION_POLICY,
+            "namespace": namespace,
+            "labels": {CUSTOMER_LABEL: customer, MANAGED_BY.0: MANAGED_BY.1},
+        },
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [
+                {"podSelector": {}},
+                {"namespaceSelector": {"matchExpressions": [{"key": CUSTOMER_LABEL, "operator": "DoesNotExist"}]}},
+                {"ipBlock": {"cidr": "0.0.0.0/0", "except": pod_networks}},
+            ]}],
+        },
+    })
+}
+
 /// How long an applied namespace and RoleBinding are trusted before they are applied again.
 const REAPPLY: Duration = Duration::from_secs(60);
 
@@ -194,13 +237,29 @@ async fn apply_namespace_and_binding(
 ) -> Result<(), Error> {
     let manager = PatchParams::apply(ADMISSION_MANAGER).force();
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
+    let mut labels = serde_json::Map::new();
+    labels.insert(CUSTOMER_LABEL.into(), json!(customer.name_any()));
+    labels.insert(MANAGED_BY.0.into(), json!(MANAGED_BY.1));
+    for (key, value) in POD_SECURITY_LABELS {
+        labels.insert(key.into(), json!(value));
+    }
     let ns = json!({
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {"name": namespace, "labels": {CUSTOMER_LABEL: customer.name_any(), MANAGED_BY.0: MANAGED_BY.1}},
+        "metadata": {"name": namespace, "labels": labels},
     });
     namespaces
         .patch(namespace, &manager, &Patch::Apply(&ns))
+        .await?;
+    let networks: Vec<String> = ctx
+        .config
+        .pod_networks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let policy = isolation_policy(namespace, &customer.name_any(), &networks);
+    Api::<NetworkPolicy>::namespaced(ctx.client.clone(), namespace)
+        .patch(ISOLATION_POLICY, &manager, &Patch::Apply(&policy))
         .await?;
 
     let subjects: Vec<_> =

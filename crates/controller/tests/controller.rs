@@ -677,6 +677,32 @@ async fn a_customer_user_creates_a_container_and_sees_it_admitted_but_cannot_del
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
+    // Her namespace: Pod Security labels and the NetworkPolicy that keeps other customers out.
+    let namespace = Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .get("selfserve")
+        .await
+        .unwrap();
+    let labels = namespace.metadata.labels.unwrap_or_default();
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "baseline");
+    assert_eq!(labels["pod-security.kubernetes.io/warn"], "restricted");
+    assert_eq!(labels["pod-security.kubernetes.io/audit"], "restricted");
+    let policy = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::namespaced(
+        admin.clone(),
+        "selfserve",
+    )
+    .get("uwsgi-it-isolation")
+    .await
+    .expect("the isolation NetworkPolicy");
+    let rule = serde_json::to_value(&policy.spec.unwrap().ingress.unwrap()[0]).unwrap();
+    assert_eq!(
+        rule["from"],
+        json!([
+            {"podSelector": {}},
+            {"namespaceSelector": {"matchExpressions": [{"key": "uwsgi.it/customer", "operator": "DoesNotExist"}]}},
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]}},
+        ])
+    );
+
     let app = container(
         "app",
         json!({"server": "203.0.113.22", "memory": 256, "storage": 1000}),

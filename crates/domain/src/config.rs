@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::forwarding::Ipv4Cidr;
 use crate::ports::{MIN_PUBLIC_PORT, PortPolicy, PortRange, ReservedPorts, ReservedPortsError};
 
 /// What happens to a container's home when the container is deleted.
@@ -63,6 +64,10 @@ pub struct OperatorConfig {
     pub custom_distro_image: Option<String>,
     /// `publicPorts` and `reservedPorts`: which public ports PortMappings may take.
     pub port_policy: PortPolicy,
+    /// `podNetworks`: where the cluster's Pod addresses come from. Each customer namespace's
+    /// NetworkPolicy admits any source outside them (clients through the public forwards) and,
+    /// inside them, only the namespace's own Pods and those of non-customer namespaces.
+    pub pod_networks: Vec<Ipv4Cidr>,
     /// Port-forwarding settings.
     pub port_forward: PortForwardConfig,
     /// Log filter directive (`info`, `debug`, `uwsgi_it_agent=trace`, ...).
@@ -84,6 +89,10 @@ impl Default for OperatorConfig {
             distros: BTreeMap::new(),
             custom_distro_image: None,
             port_policy: PortPolicy::default(),
+            pod_networks: DEFAULT_POD_NETWORKS
+                .iter()
+                .map(|n| n.parse().expect("valid default"))
+                .collect(),
             port_forward: PortForwardConfig {
                 backend: ForwardingBackend::default(),
                 resync_period: Duration::from_secs(30),
@@ -101,6 +110,15 @@ impl Default for OperatorConfig {
     }
 }
 
+/// The default `podNetworks`: every private and shared address range, where Pod networks are
+/// allocated. Clients on them reach customers' containers only if the supplier narrows this.
+pub const DEFAULT_POD_NETWORKS: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
+
 /// A configuration the programs refuse to start with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -113,6 +131,13 @@ pub enum ConfigError {
     /// A `reservedPorts` entry is invalid.
     #[error(transparent)]
     ReservedPorts(#[from] ReservedPortsError),
+    /// A `podNetworks` entry is not an IPv4 CIDR.
+    #[error("podNetworks[{index}] {text:?}: {problem}")]
+    PodNetworks {
+        index: usize,
+        text: String,
+        problem: String,
+    },
     /// `publicPorts` is not a range inside 1025-65535.
     #[error("publicPorts {text:?}: {problem}")]
     PublicPorts { text: String, problem: String },
@@ -154,6 +179,7 @@ struct RawConfig {
     custom_distro_image: Option<String>,
     public_ports: Option<String>,
     reserved_ports: Option<Vec<String>>,
+    pod_networks: Option<Vec<String>>,
     port_forward: Option<RawPortForward>,
     log_level: Option<String>,
     customer_cluster_role: Option<String>,
@@ -204,6 +230,22 @@ impl OperatorConfig {
             Some(text) => parse_public_ports(&text)?,
             None => defaults.port_policy.public,
         };
+        let pod_networks = match raw.pod_networks {
+            Some(entries) => entries
+                .iter()
+                .enumerate()
+                .map(|(index, text)| {
+                    text.parse().map_err(|e: crate::forwarding::RulesetError| {
+                        ConfigError::PodNetworks {
+                            index,
+                            text: text.clone(),
+                            problem: e.to_string(),
+                        }
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => defaults.pod_networks,
+        };
         let forward = raw.port_forward.unwrap_or_default();
         let resync_period = match forward.resync_period {
             Some(text) => parse_duration(&text).ok_or(ConfigError::ResyncPeriod(text))?,
@@ -245,6 +287,7 @@ impl OperatorConfig {
             distros,
             custom_distro_image,
             port_policy: PortPolicy { public, reserved },
+            pod_networks,
             port_forward: PortForwardConfig {
                 backend: forward.backend.unwrap_or_default(),
                 resync_period,
@@ -391,6 +434,7 @@ uidStore: uids
             ("reservedPorts: ['70000']", "reservedPorts"),
             ("publicPorts: '80-9000'", "publicPorts"),
             ("publicPorts: 'many'", "publicPorts"),
+            ("podNetworks: ['10.244.0.0']", "podNetworks[0]"),
             (
                 "portForward: {commandTimeout: 0s}",
                 "portForward.commandTimeout",
