@@ -46,8 +46,13 @@ enum Command {
         #[arg(long, env = "UWSGI_IT_CONFIG")]
         config: Option<PathBuf>,
         /// The Node this agent serves (from the downward API's spec.nodeName).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
+        #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+        node_name: Option<String>,
+        /// Remove every forwarding rule the agent owns (nftables table and iptables chains) from
+        /// this host's network and exit; homes are left alone. For a node that stops being a
+        /// server.
+        #[arg(long)]
+        cleanup: bool,
         /// Where /healthz, /readyz and /metrics are served. The agent shares the server's
         /// network, so the default keeps them off its public address.
         #[arg(long, default_value = "127.0.0.1:9180")]
@@ -86,11 +91,36 @@ fn main() -> anyhow::Result<()> {
         Command::Crds { out } => write_crds(out),
         Command::Agent {
             config,
+            cleanup: true,
+            ..
+        } => {
+            let config = load_config(config.as_deref())?;
+            let removed = uwsgi_it_agent::cleanup(
+                &uwsgi_it_agent::NetworkNamespace::Current,
+                config.port_forward.command_timeout,
+            )?;
+            if removed.is_empty() {
+                println!("nothing of uwsgi-it-operator's to remove");
+            }
+            for backend in removed {
+                println!("removed uwsgi-it-operator's {backend} rules");
+            }
+            Ok(())
+        }
+        Command::Agent {
+            config,
             node_name,
             listen,
             container_networks,
             log_format,
-        } => run_agent(config, node_name, listen, container_networks, log_format),
+            ..
+        } => run_agent(
+            config,
+            node_name.unwrap_or_default(),
+            listen,
+            container_networks,
+            log_format,
+        ),
         Command::Controller {
             config,
             listen,

@@ -260,6 +260,11 @@ pub trait ForwardingBackend: Send + Sync {
     fn is_in_sync(&self, desired: &ForwardingRuleset) -> Result<bool, ForwardingError> {
         Ok(self.inspect(desired)?.difference.is_none())
     }
+
+    /// Removes everything this backend owns in the kernel, in one transaction; true when there
+    /// was something to remove. For the backend not in use (an earlier one's leftovers) and for
+    /// `agent --cleanup`.
+    fn remove_all(&self) -> Result<bool, ForwardingError>;
 }
 
 fn spawn_error(command: &Command) -> impl FnOnce(std::io::Error) -> ForwardingError + '_ {
@@ -550,6 +555,16 @@ impl ForwardingBackend for NftBackend {
         "nftables"
     }
 
+    fn remove_all(&self) -> Result<bool, ForwardingError> {
+        let mut remembered = self.memory.lock();
+        *remembered = None;
+        if self.listing()?.is_none() {
+            return Ok(false);
+        }
+        self.run_transaction(&nft::cleanup_json())?;
+        Ok(true)
+    }
+
     fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError> {
         let inspection = nft::inspect_listing(desired, self.listing()?.as_deref())?;
         Ok(Inspection {
@@ -666,6 +681,15 @@ impl IptablesBackend {
 impl ForwardingBackend for IptablesBackend {
     fn name(&self) -> &'static str {
         "iptables"
+    }
+
+    fn remove_all(&self) -> Result<bool, ForwardingError> {
+        let mut remembered = self.memory.lock();
+        *remembered = None;
+        match iptables::cleanup_input(&self.save()?) {
+            Some(input) => self.restore(&input).map(|()| true),
+            None => Ok(false),
+        }
     }
 
     fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError> {

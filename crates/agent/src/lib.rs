@@ -26,7 +26,9 @@ use uwsgi_it_domain::forwarding::Ipv4Cidr;
 use uwsgi_it_telemetry::prometheus_client::registry::Registry;
 
 pub use address::NetworkNamespace;
-use forwarding::{CommandScope, ForwardingBackend, IptablesBackend, NftBackend, Tools};
+use forwarding::{
+    CommandScope, ForwardingBackend, ForwardingError, IptablesBackend, NftBackend, Tools,
+};
 use health::SyncHealth;
 use homes::Homes;
 use metrics::Metrics;
@@ -63,6 +65,67 @@ pub(crate) struct Context {
     pub health: Arc<SyncHealth>,
 }
 
+/// The backend `choice` names, and the other one (whose rules must not stay behind).
+fn backends(
+    choice: config::ForwardingBackend,
+    tools: Tools,
+) -> (Arc<dyn ForwardingBackend>, Box<dyn ForwardingBackend>) {
+    match choice {
+        config::ForwardingBackend::Nftables => (
+            Arc::new(NftBackend::new(tools.clone())),
+            Box::new(IptablesBackend::new(tools)),
+        ),
+        config::ForwardingBackend::Iptables => (
+            Arc::new(IptablesBackend::new(tools.clone())),
+            Box::new(NftBackend::new(tools)),
+        ),
+    }
+}
+
+/// What a backend switch leaves behind: the other backend's rules, which would still DNAT the
+/// old forwards (and, if they come first, shadow the new ones). Removed at start; a host
+/// without the other tool has nothing of it to remove.
+fn remove_leftovers(unused: &dyn ForwardingBackend) {
+    match unused.remove_all() {
+        Ok(true) => info!(
+            backend = unused.name(),
+            "removed the rules of the backend no longer in use"
+        ),
+        Ok(false) => {}
+        Err(ForwardingError::Spawn { .. }) => {}
+        Err(error) => {
+            warn!(%error, backend = unused.name(), "could not remove the rules of the backend no longer in use")
+        }
+    }
+}
+
+/// `agent --cleanup`: removes every rule of both backends from the namespace (a node that
+/// stops being a server, like kube-proxy's `--cleanup`); homes are left alone. Returns what
+/// was removed, by backend name.
+pub fn cleanup(
+    netns: &NetworkNamespace,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Vec<&'static str>> {
+    let scope = match netns {
+        NetworkNamespace::Current => CommandScope::CurrentNamespace,
+        NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
+    };
+    let tools = Tools::new(scope, timeout);
+    let mut removed = Vec::new();
+    let all: [Box<dyn ForwardingBackend>; 2] = [
+        Box::new(NftBackend::new(tools.clone())),
+        Box::new(IptablesBackend::new(tools)),
+    ];
+    for backend in all {
+        match backend.remove_all() {
+            Ok(true) => removed.push(backend.name()),
+            Ok(false) | Err(ForwardingError::Spawn { .. }) => {}
+            Err(error) => return Err(anyhow::anyhow!("{}: {error}", backend.name())),
+        }
+    }
+    Ok(removed)
+}
+
 /// One node's agent. Build it, serve its [`Agent::registry`] and [`Agent::ready`] on the health
 /// endpoints, then [`Agent::run`] it.
 pub struct Agent {
@@ -90,12 +153,10 @@ impl Agent {
             NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
         };
         let tools = Tools::new(scope, options.config.port_forward.command_timeout);
-        let backend: Arc<dyn ForwardingBackend> = match options.config.port_forward.backend {
-            config::ForwardingBackend::Nftables => Arc::new(NftBackend::new(tools)),
-            config::ForwardingBackend::Iptables => Arc::new(IptablesBackend::new(tools)),
-        };
+        let (backend, unused) = backends(options.config.port_forward.backend, tools);
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
+        remove_leftovers(unused.as_ref());
         let health = Arc::new(SyncHealth::new(options.config.port_forward.max_sync_age));
         Ok(Agent {
             client,

@@ -835,3 +835,107 @@ async fn the_api_server_selects_containers_by_status_server() {
         uwsgi_it_agent::scope::NodeSelector::StatusField
     );
 }
+
+/// The configuration of `node` with the other backend.
+fn with_backend(
+    world: &World,
+    node: &SimNode,
+    backend: &str,
+) -> uwsgi_it_domain::config::OperatorConfig {
+    uwsgi_it_domain::config::OperatorConfig::from_yaml(&format!(
+        "homeRoot: {}\nportForward:\n  backend: {backend}\n  resyncPeriod: {}s\n",
+        node.home_root.display(),
+        RESYNC.as_secs()
+    ))
+    .unwrap_or_else(|e| panic!("{e} ({:?})", world.backend))
+}
+
+fn owned_iptables_rules(node: &SimNode) -> Vec<String> {
+    node.netns
+        .run("iptables-save", &["-t", "nat"])
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("UWSGI-IT"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn nft_table_exists(node: &SimNode) -> bool {
+    node.netns
+        .run("nft", &["list", "table", "ip", "uwsgi_it"])
+        .is_ok()
+}
+
+/// iptables → nftables → iptables on one node: after each switch only the backend in use has
+/// rules, traffic flows, and `agent --cleanup` removes everything.
+#[tokio::test]
+async fn switching_the_backend_leaves_no_old_rule_behind() {
+    let plane = plane_with_crds().await;
+    let world = World::new(plane, Backend::Iptables, 1, vec![PRIVATE_PORT]).await;
+    let node = world.node(1);
+    let public = node.public(PUBLIC_PORT);
+    let mut agent = world.start_agent(1);
+    seed_example(&world).await;
+    programmed(&world, "hydra-web").await;
+    agent.wait_ready().await;
+    replies_from(
+        &tcp_ok(&world.client_netns, public, "iptables"),
+        "iptables",
+        CLIENT_ADDRESS,
+    );
+    agent.stop().await.unwrap();
+    assert!(!owned_iptables_rules(node).is_empty());
+
+    for backend in ["nftables", "iptables"] {
+        let mut agent = start_agent(
+            world.client.clone(),
+            node,
+            with_backend(&world, node, backend),
+        );
+        agent.wait_ready().await;
+        let (iptables_left, nft_left) = (
+            !owned_iptables_rules(node).is_empty(),
+            nft_table_exists(node),
+        );
+        assert_eq!(
+            (iptables_left, nft_left),
+            (backend == "iptables", backend == "nftables"),
+            "after switching to {backend}: iptables rules {:?}, nft table {nft_left}",
+            owned_iptables_rules(node)
+        );
+        replies_from(
+            &tcp_ok(&world.client_netns, public, backend),
+            backend,
+            CLIENT_ADDRESS,
+        );
+        agent.stop().await.unwrap();
+    }
+
+    // `agent --cleanup`: nothing of the agent's stays, and the forward is gone with it.
+    let removed = uwsgi_it_agent::cleanup(
+        &uwsgi_it_agent::NetworkNamespace::Named(node.netns.name().to_owned()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(removed, ["iptables"]);
+    assert!(owned_iptables_rules(node).is_empty());
+    assert!(!nft_table_exists(node));
+    assert!(
+        tcp_exchange(
+            &world.client_netns,
+            public,
+            "gone",
+            Duration::from_millis(500)
+        )
+        .is_err()
+    );
+    assert!(
+        uwsgi_it_agent::cleanup(
+            &uwsgi_it_agent::NetworkNamespace::Named(node.netns.name().to_owned()),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .is_empty(),
+        "a second cleanup has nothing to do"
+    );
+}

@@ -138,6 +138,53 @@ pub fn restore_input(ruleset: &ForwardingRuleset, missing_jumps: &[JumpRule]) ->
     input
 }
 
+/// `iptables-restore --noflush` input that removes everything the agent owns in table `nat`, as
+/// `iptables-save -t nat` shows it: every jump to an owned chain (`-D`, however often it is
+/// there), then the owned chains (flushed by their declaration, then `-X`), in one commit. `None`
+/// when nothing of the agent's is there. For switching to the nft backend, or a node that stops
+/// being a server (`agent --cleanup`).
+pub fn cleanup_input(save_output: &str) -> Option<String> {
+    let lines: Vec<&str> = save_output.lines().map(str::trim_end).collect();
+    let present: Vec<&str> = OWNED_CHAINS
+        .into_iter()
+        .filter(|chain| {
+            lines.iter().any(|l| {
+                l.strip_prefix(':')
+                    .and_then(|l| l.split_whitespace().next())
+                    == Some(*chain)
+            })
+        })
+        .collect();
+    // A jump is any rule of a chain that is not the agent's whose target is one of the agent's.
+    let jumps: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| {
+            let Some(rule) = line.strip_prefix("-A ") else {
+                return false;
+            };
+            let chain = rule.split_whitespace().next().unwrap_or_default();
+            let target = rule.rsplit_once(" -j ").map(|(_, t)| t.trim());
+            !OWNED_CHAINS.contains(&chain) && target.is_some_and(|t| OWNED_CHAINS.contains(&t))
+        })
+        .collect();
+    if present.is_empty() && jumps.is_empty() {
+        return None;
+    }
+    let mut input = String::from("*nat\n");
+    for chain in &present {
+        let _ = writeln!(input, ":{chain} - [0:0]");
+    }
+    for jump in jumps {
+        let _ = writeln!(input, "-D {}", &jump["-A ".len()..]);
+    }
+    for chain in &present {
+        let _ = writeln!(input, "-X {chain}");
+    }
+    input.push_str("COMMIT\n");
+    Some(input)
+}
+
 /// `iptables-restore --noflush` input that turns the owned rules of `previous` into those of
 /// `desired` without flushing a chain: deletions first, then additions. `None` when the two
 /// render the same rules. Jumps and chain declarations are left to the full rewrite.

@@ -386,6 +386,17 @@ pub fn transaction(ruleset: &ForwardingRuleset) -> Nftables<'static> {
 }
 
 /// [`transaction`] serialised for `nft -j -f -`.
+/// The transaction that removes the agent's table (and with it every rule, set and map of it);
+/// run only when the table exists. Other tables are not touched.
+pub fn cleanup_json() -> String {
+    let batch = Nftables {
+        objects: Cow::Owned(vec![NfObject::CmdObject(NfCmd::Delete(
+            NfListObject::Table(table()),
+        ))]),
+    };
+    serde_json::to_string(&batch).expect("an nftables batch serializes")
+}
+
 pub fn transaction_json(ruleset: &ForwardingRuleset) -> String {
     serde_json::to_string(&transaction(ruleset)).expect("nftables schema types always serialise")
 }

@@ -561,3 +561,41 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn cleanup_removes_every_jump_and_owned_chain_and_nothing_else() {
+    let save = "*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:UWSGI-IT-PREROUTING - [0:0]
+:UWSGI-IT-FORWARDS - [0:0]
+-A PREROUTING -j UWSGI-IT-PREROUTING
+-A PREROUTING -j KUBE-SERVICES
+-A PREROUTING -j UWSGI-IT-PREROUTING
+-A OUTPUT -m comment --comment x -j UWSGI-IT-OUTPUT
+-A UWSGI-IT-PREROUTING -d 203.0.113.10/32 -j UWSGI-IT-FORWARDS
+-A UWSGI-IT-FORWARDS -p tcp -m tcp --dport 9000 -j DNAT --to-destination 10.244.1.2:8000
+COMMIT
+";
+    let input = iptables::cleanup_input(save).unwrap();
+    assert_eq!(
+        input,
+        "*nat
+:UWSGI-IT-PREROUTING - [0:0]
+:UWSGI-IT-FORWARDS - [0:0]
+-D PREROUTING -j UWSGI-IT-PREROUTING
+-D PREROUTING -j UWSGI-IT-PREROUTING
+-D OUTPUT -m comment --comment x -j UWSGI-IT-OUTPUT
+-X UWSGI-IT-PREROUTING
+-X UWSGI-IT-FORWARDS
+COMMIT
+"
+    );
+    assert!(!input.contains("KUBE"));
+    assert_eq!(
+        iptables::cleanup_input("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"),
+        None
+    );
+}
