@@ -716,3 +716,70 @@ impl ForwardingBackend for IptablesBackend {
         )
     }
 }
+
+/// The accept of the agent's forwarded connections in table `filter` (see
+/// `iptables::FORWARD_ACCEPT_CHAIN`), kept next to whichever backend does the DNAT: a host
+/// whose `FORWARD` policy drops (Docker, ufw) would otherwise drop every forward.
+#[derive(Debug, Default)]
+pub struct ForwardAccept {
+    tools: Tools,
+    /// The public addresses last written or confirmed.
+    remembered: Mutex<Option<Vec<Ipv4Addr>>>,
+}
+
+impl ForwardAccept {
+    pub fn new(tools: impl Into<Tools>) -> ForwardAccept {
+        ForwardAccept {
+            tools: tools.into(),
+            remembered: Mutex::new(None),
+        }
+    }
+
+    fn save(&self) -> Result<String, ForwardingError> {
+        let mut command = self.tools.command("iptables-save");
+        command.args(["-t", "filter"]);
+        let output = self.tools.output(command.to_owned_command(), None)?;
+        let output = checked(&command, output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn restore(&self, input: &str) -> Result<(), ForwardingError> {
+        let mut command = self.tools.command("iptables-restore");
+        let wait = self.tools.timeout.as_secs().saturating_sub(1).max(1);
+        command.args(["-w", &wait.to_string(), "--noflush"]);
+        let output = self
+            .tools
+            .output(command.to_owned_command(), Some(input.as_bytes()))?;
+        checked(&command, output).map(|_| ())
+    }
+
+    /// Makes the accept cover exactly `addresses`. `full` reads the kernel (repairing drift);
+    /// otherwise nothing runs unless the addresses changed since the last write. True when it
+    /// wrote. A host without iptables has no `FORWARD` chain to open: an error of kind
+    /// [`ForwardingError::Spawn`], which callers may ignore.
+    pub fn ensure(&self, addresses: &[Ipv4Addr], full: bool) -> Result<bool, ForwardingError> {
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if !full && remembered.as_deref() == Some(addresses) {
+            return Ok(false);
+        }
+        *remembered = None;
+        let written = match iptables::forward_accept_input(addresses, &self.save()?) {
+            Some(input) => {
+                self.restore(&input)?;
+                true
+            }
+            None => false,
+        };
+        *remembered = Some(addresses.to_vec());
+        Ok(written)
+    }
+
+    /// Removes the chain and its jump (`agent --cleanup`); true when there was one.
+    pub fn remove(&self) -> Result<bool, ForwardingError> {
+        *self.remembered.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match iptables::forward_accept_cleanup_input(&self.save()?) {
+            Some(input) => self.restore(&input).map(|()| true),
+            None => Ok(false),
+        }
+    }
+}

@@ -27,7 +27,8 @@ use uwsgi_it_telemetry::prometheus_client::registry::Registry;
 
 pub use address::NetworkNamespace;
 use forwarding::{
-    CommandScope, ForwardingBackend, ForwardingError, IptablesBackend, NftBackend, Tools,
+    CommandScope, ForwardAccept, ForwardingBackend, ForwardingError, IptablesBackend, NftBackend,
+    Tools,
 };
 use health::SyncHealth;
 use homes::Homes;
@@ -61,6 +62,7 @@ pub(crate) struct Context {
     pub metrics: Arc<Metrics>,
     pub homes: Homes,
     pub backend: Arc<dyn ForwardingBackend>,
+    pub forward_accept: Arc<ForwardAccept>,
     pub ready: watch::Sender<bool>,
     pub health: Arc<SyncHealth>,
 }
@@ -112,6 +114,11 @@ pub fn cleanup(
     };
     let tools = Tools::new(scope, timeout);
     let mut removed = Vec::new();
+    match ForwardAccept::new(tools.clone()).remove() {
+        Ok(true) => removed.push("iptables FORWARD accept"),
+        Ok(false) | Err(ForwardingError::Spawn { .. }) => {}
+        Err(error) => return Err(anyhow::anyhow!("the FORWARD accept: {error}")),
+    }
     let all: [Box<dyn ForwardingBackend>; 2] = [
         Box::new(NftBackend::new(tools.clone())),
         Box::new(IptablesBackend::new(tools)),
@@ -133,6 +140,7 @@ pub struct Agent {
     options: AgentOptions,
     homes: Homes,
     backend: Arc<dyn ForwardingBackend>,
+    forward_accept: Arc<ForwardAccept>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     ready: watch::Sender<bool>,
@@ -153,6 +161,7 @@ impl Agent {
             NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
         };
         let tools = Tools::new(scope, options.config.port_forward.command_timeout);
+        let forward_accept = Arc::new(ForwardAccept::new(tools.clone()));
         let (backend, unused) = backends(options.config.port_forward.backend, tools);
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
@@ -163,6 +172,7 @@ impl Agent {
             options,
             homes,
             backend,
+            forward_accept,
             registry: Arc::new(registry),
             metrics,
             ready: watch::Sender::new(false),
@@ -222,6 +232,7 @@ impl Agent {
             metrics: self.metrics,
             homes: self.homes,
             backend: self.backend,
+            forward_accept: self.forward_accept,
             ready: self.ready,
             health: self.health,
         });

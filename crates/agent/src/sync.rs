@@ -34,6 +34,7 @@ use uwsgi_it_domain::ports::{MappingRefusal, PortPolicy};
 
 use crate::Context;
 use crate::address::{declared_public_address, discover_public_address};
+use crate::forwarding::ForwardingError;
 use crate::listeners::{self, Listener};
 use crate::reporter::DesiredCondition;
 use crate::scope::Caches;
@@ -447,17 +448,33 @@ async fn apply(
     full: bool,
 ) -> Result<ForwardingRuleset, String> {
     let backend = ctx.backend.clone();
+    let forward_accept = ctx.forward_accept.clone();
     let to_apply = desired.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        if full {
+    let (report, accepted) = tokio::task::spawn_blocking(move || {
+        let report = if full {
             backend.apply(&to_apply)
         } else {
             backend.apply_incremental(&to_apply)
-        }
+        };
+        let accepted = report
+            .as_ref()
+            .ok()
+            .map(|_| forward_accept.ensure(to_apply.public_addresses(), full));
+        (report, accepted)
     })
     .await
-    .map_err(|e| format!("forwarding task failed: {e}"))?
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| format!("forwarding task failed: {e}"))?;
+    let report = report.map_err(|e| e.to_string())?;
+    match accepted {
+        Some(Ok(true)) => {
+            info!("accepted the forwarded connections in the filter table's FORWARD chain")
+        }
+        // No iptables on this host: no iptables FORWARD chain to open either.
+        Some(Ok(false) | Err(ForwardingError::Spawn { .. })) | None => {}
+        Some(Err(error)) => {
+            warn!(%error, "could not accept the forwarded connections in the filter table's FORWARD chain; where its policy drops, forwards do not get through")
+        }
+    }
     if let Some(failure) = &report.incremental_failure {
         warn!(%failure, backend = ctx.backend.name(), "incremental forwarding update refused; inspected the whole table instead");
     }

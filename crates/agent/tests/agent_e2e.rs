@@ -917,7 +917,7 @@ async fn switching_the_backend_leaves_no_old_rule_behind() {
         Duration::from_secs(10),
     )
     .unwrap();
-    assert_eq!(removed, ["iptables"]);
+    assert_eq!(removed, ["iptables FORWARD accept", "iptables"]);
     assert!(owned_iptables_rules(node).is_empty());
     assert!(!nft_table_exists(node));
     assert!(
@@ -938,4 +938,64 @@ async fn switching_the_backend_leaves_no_old_rule_behind() {
         .is_empty(),
         "a second cleanup has nothing to do"
     );
+}
+
+/// A host whose filter FORWARD policy is DROP (what Docker and ufw set): the agent accepts its
+/// own forwarded connections there, whichever backend DNATs them, and puts the accept back when
+/// it is removed behind its back.
+async fn forwards_get_through_a_forward_drop_policy(backend: Backend) {
+    let plane = plane_with_crds().await;
+    let world = World::new(plane, backend, 1, vec![PRIVATE_PORT]).await;
+    let node = world.node(1);
+    node.netns
+        .run("iptables", &["-P", "FORWARD", "DROP"])
+        .unwrap();
+    let mut agent = world.start_agent(1);
+    seed_example(&world).await;
+    programmed(&world, "hydra-web").await;
+    agent.wait_ready().await;
+    let public = node.public(PUBLIC_PORT);
+    replies_from(
+        &tcp_ok(&world.client_netns, public, "through"),
+        "through",
+        CLIENT_ADDRESS,
+    );
+    let filter = node.netns.run("iptables-save", &["-t", "filter"]).unwrap();
+    assert!(filter.contains(":FORWARD DROP"), "{filter}");
+    assert!(
+        filter.contains("-A FORWARD -j UWSGI-IT-FORWARD"),
+        "{filter}"
+    );
+
+    // Without the accept the policy drops the forward: the accept is what lets it through ...
+    node.netns
+        .run("iptables", &["-D", "FORWARD", "-j", "UWSGI-IT-FORWARD"])
+        .unwrap();
+    assert!(
+        tcp_exchange(
+            &world.client_netns,
+            public,
+            "dropped",
+            Duration::from_millis(700)
+        )
+        .is_err()
+    );
+    // ... and the next full resync puts it back.
+    let client = world.client_netns.clone();
+    eventually("the accept is back", || {
+        let client = client.clone();
+        async move { tcp_exchange(&client, public, "back", NET_PATIENCE).ok() }
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwards_get_through_a_forward_drop_policy_nftables() {
+    forwards_get_through_a_forward_drop_policy(Backend::Nftables).await;
+}
+
+#[tokio::test]
+async fn forwards_get_through_a_forward_drop_policy_iptables() {
+    forwards_get_through_a_forward_drop_policy(Backend::Iptables).await;
 }

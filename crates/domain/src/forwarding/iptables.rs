@@ -138,6 +138,69 @@ pub fn restore_input(ruleset: &ForwardingRuleset, missing_jumps: &[JumpRule]) ->
     input
 }
 
+/// The chain of table `filter` that accepts the agent's forwarded connections, jumped to from
+/// the top of `FORWARD`. Hosts whose filter policy drops what nothing accepted (Docker sets
+/// `FORWARD` to DROP, ufw does too) would otherwise drop every forward after its DNAT; the CNI
+/// portmap plugin adds the same kind of accept. Whichever backend does the DNAT, this is
+/// iptables' table, so both backends keep it.
+pub const FORWARD_ACCEPT_CHAIN: &str = "UWSGI-IT-FORWARD";
+
+/// The jump into [`FORWARD_ACCEPT_CHAIN`].
+pub const FORWARD_ACCEPT_JUMP: JumpRule = JumpRule {
+    builtin_chain: "FORWARD",
+    target_chain: FORWARD_ACCEPT_CHAIN,
+};
+
+/// The rules of [`FORWARD_ACCEPT_CHAIN`], as `iptables-save -t filter` prints them: both
+/// directions of every connection DNATed from a public address (conntrack's original
+/// destination), and nothing else: another component's DNAT is its own business.
+pub fn forward_accept_rules(public_addresses: &[Ipv4Addr]) -> Vec<String> {
+    public_addresses
+        .iter()
+        .map(|address| {
+            format!(
+                "-A {FORWARD_ACCEPT_CHAIN} -m conntrack --ctstate DNAT --ctorigdst {address} -j ACCEPT"
+            )
+        })
+        .collect()
+}
+
+/// `iptables-restore --noflush` input for table `filter` that makes [`FORWARD_ACCEPT_CHAIN`]
+/// accept `public_addresses`' forwards, or `None` when `save_output` (`iptables-save -t
+/// filter`) already shows exactly that.
+pub fn forward_accept_input(public_addresses: &[Ipv4Addr], save_output: &str) -> Option<String> {
+    let lines: Vec<&str> = save_output.lines().map(str::trim_end).collect();
+    let declared = lines.iter().any(|l| {
+        l.strip_prefix(':')
+            .and_then(|l| l.split_whitespace().next())
+            == Some(FORWARD_ACCEPT_CHAIN)
+    });
+    let prefix = format!("-A {FORWARD_ACCEPT_CHAIN} ");
+    let mut found: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with(&prefix))
+        .collect();
+    found.sort_unstable();
+    let mut wanted = forward_accept_rules(public_addresses);
+    wanted.sort_unstable();
+    let jump = FORWARD_ACCEPT_JUMP.save_line();
+    let jumped = lines.contains(&jump.as_str());
+    if declared && jumped && found == wanted {
+        return None;
+    }
+    let mut input = format!("*filter\n:{FORWARD_ACCEPT_CHAIN} - [0:0]\n");
+    for rule in &wanted {
+        input.push_str(rule);
+        input.push('\n');
+    }
+    if !jumped {
+        let _ = writeln!(input, "-I FORWARD 1 -j {FORWARD_ACCEPT_CHAIN}");
+    }
+    input.push_str("COMMIT\n");
+    Some(input)
+}
+
 /// `iptables-restore --noflush` input that removes everything the agent owns in table `nat`, as
 /// `iptables-save -t nat` shows it: every jump to an owned chain (`-D`, however often it is
 /// there), then the owned chains (flushed by their declaration, then `-X`), in one commit. `None`
@@ -180,6 +243,38 @@ pub fn cleanup_input(save_output: &str) -> Option<String> {
     }
     for chain in &present {
         let _ = writeln!(input, "-X {chain}");
+    }
+    input.push_str("COMMIT\n");
+    Some(input)
+}
+
+/// Like [`cleanup_input`], for table `filter` (`iptables-save -t filter`): the jump and
+/// [`FORWARD_ACCEPT_CHAIN`]. For `agent --cleanup` only: switching backends keeps it.
+pub fn forward_accept_cleanup_input(save_output: &str) -> Option<String> {
+    let lines: Vec<&str> = save_output.lines().map(str::trim_end).collect();
+    let declared = lines.iter().any(|l| {
+        l.strip_prefix(':')
+            .and_then(|l| l.split_whitespace().next())
+            == Some(FORWARD_ACCEPT_CHAIN)
+    });
+    let jumps: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("-A ") && !l.starts_with(&format!("-A {FORWARD_ACCEPT_CHAIN} ")))
+        .filter(|l| l.ends_with(&format!(" -j {FORWARD_ACCEPT_CHAIN}")))
+        .collect();
+    if !declared && jumps.is_empty() {
+        return None;
+    }
+    let mut input = String::from("*filter\n");
+    if declared {
+        let _ = writeln!(input, ":{FORWARD_ACCEPT_CHAIN} - [0:0]");
+    }
+    for jump in jumps {
+        let _ = writeln!(input, "-D {}", &jump["-A ".len()..]);
+    }
+    if declared {
+        let _ = writeln!(input, "-X {FORWARD_ACCEPT_CHAIN}");
     }
     input.push_str("COMMIT\n");
     Some(input)

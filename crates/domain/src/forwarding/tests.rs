@@ -599,3 +599,47 @@ COMMIT
         None
     );
 }
+
+#[test]
+fn the_forward_accept_chain_is_written_only_when_it_differs() {
+    let public: Vec<std::net::Ipv4Addr> = vec!["203.0.113.10".parse().unwrap()];
+    let input =
+        iptables::forward_accept_input(&public, "*filter\n:FORWARD DROP [0:0]\nCOMMIT\n").unwrap();
+    assert_eq!(
+        input,
+        "*filter
+:UWSGI-IT-FORWARD - [0:0]
+-A UWSGI-IT-FORWARD -m conntrack --ctstate DNAT --ctorigdst 203.0.113.10 -j ACCEPT
+-I FORWARD 1 -j UWSGI-IT-FORWARD
+COMMIT
+"
+    );
+    let saved = "*filter
+:FORWARD DROP [0:0]
+:UWSGI-IT-FORWARD - [0:0]
+-A FORWARD -j UWSGI-IT-FORWARD
+-A FORWARD -j DOCKER-USER
+-A UWSGI-IT-FORWARD -m conntrack --ctstate DNAT --ctorigdst 203.0.113.10 -j ACCEPT
+COMMIT
+";
+    assert_eq!(iptables::forward_accept_input(&public, saved), None);
+    // Another address: rewritten, the jump kept as it is.
+    let other: Vec<std::net::Ipv4Addr> = vec!["203.0.113.20".parse().unwrap()];
+    let input = iptables::forward_accept_input(&other, saved).unwrap();
+    assert!(input.contains("--ctorigdst 203.0.113.20"), "{input}");
+    assert!(!input.contains("-I FORWARD"), "{input}");
+    let cleanup = iptables::forward_accept_cleanup_input(saved).unwrap();
+    assert_eq!(
+        cleanup,
+        "*filter
+:UWSGI-IT-FORWARD - [0:0]
+-D FORWARD -j UWSGI-IT-FORWARD
+-X UWSGI-IT-FORWARD
+COMMIT
+"
+    );
+    assert_eq!(
+        iptables::forward_accept_cleanup_input("*filter\n:FORWARD DROP [0:0]\nCOMMIT\n"),
+        None
+    );
+}
