@@ -102,8 +102,8 @@ fn main() -> anyhow::Result<()> {
             if removed.is_empty() {
                 println!("nothing of uwsgi-it-operator's to remove");
             }
-            for backend in removed {
-                println!("removed uwsgi-it-operator's {backend} rules");
+            for what in removed {
+                println!("removed uwsgi-it-operator's {what}");
             }
             Ok(())
         }

@@ -94,6 +94,7 @@ reservedPorts:
   - {{ .Values.agent.port | int | toString | toJson }}
 portForward:
   backend: {{ $c.portForward.backend | toString | toJson }}
+  iptablesMode: {{ $c.portForward.iptablesMode | toString | toJson }}
   resyncPeriod: {{ $c.portForward.resyncPeriod | toString | toJson }}
   commandTimeout: {{ $c.portForward.commandTimeout | toString | toJson }}
 {{- with $c.portForward.maxSyncAge }}

@@ -36,6 +36,7 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use uwsgi_it_domain::config::{IptablesMode, choose_iptables_mode};
 use wait_timeout::ChildExt;
 
 use uwsgi_it_domain::forwarding::iptables::{self, JumpRule};
@@ -65,12 +66,15 @@ impl CommandScope {
     }
 }
 
-/// How the backends run their tools: where ([`CommandScope`]) and for how long at most.
+/// How the backends run their tools: where ([`CommandScope`]), for how long at most, and which
+/// iptables flavour.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tools {
     pub scope: CommandScope,
     /// A child still running after this is killed (`portForward.commandTimeout`).
     pub timeout: Duration,
+    /// `None`: the host's plain `iptables-save`/`iptables-restore`, whatever they are.
+    pub iptables: Option<IptablesMode>,
 }
 
 impl Tools {
@@ -78,11 +82,51 @@ impl Tools {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
     pub fn new(scope: CommandScope, timeout: Duration) -> Tools {
-        Tools { scope, timeout }
+        Tools {
+            scope,
+            timeout,
+            iptables: None,
+        }
     }
 
+    /// The same, with `iptables-save`/`iptables-restore` of `mode` (resolving `Auto` by looking
+    /// at both flavours' rules). A host where the flavoured tools are missing keeps the plain
+    /// ones.
+    pub fn with_iptables(mut self, mode: IptablesMode) -> Tools {
+        let mode = match mode {
+            IptablesMode::Auto => self.detect_iptables_mode(),
+            chosen => Some(chosen),
+        };
+        self.iptables = mode;
+        self
+    }
+
+    /// Counts the rules in both flavours (all tables, the agent's own left out) and chooses
+    /// with `choose_iptables_mode`; `None` when either tool cannot run.
+    fn detect_iptables_mode(&self) -> Option<IptablesMode> {
+        let count = |program: &str| -> Option<usize> {
+            let output = self.output(self.command(program), None).ok()?;
+            output.status.success().then(|| {
+                String::from_utf8_lossy(&output.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A ") && !l.contains("UWSGI-IT"))
+                    .count()
+            })
+        };
+        let legacy = count("iptables-legacy-save")?;
+        let nft = count("iptables-nft-save")?;
+        Some(choose_iptables_mode(legacy, nft))
+    }
+
+    /// `iptables-save`, `iptables-restore`, `nft`, `conntrack`: iptables tools in the chosen
+    /// flavour.
     fn command(&self, program: &str) -> Command {
-        self.scope.command(program)
+        let flavoured = match (self.iptables, program.strip_prefix("iptables-")) {
+            (Some(IptablesMode::Legacy), Some(rest)) => format!("iptables-legacy-{rest}"),
+            (Some(IptablesMode::Nft), Some(rest)) => format!("iptables-nft-{rest}"),
+            _ => program.to_owned(),
+        };
+        self.scope.command(&flavoured)
     }
 
     /// Runs `command` with `stdin` (or none), collecting stdout and stderr, killing it after the

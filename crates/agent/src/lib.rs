@@ -102,33 +102,44 @@ fn remove_leftovers(unused: &dyn ForwardingBackend) {
 }
 
 /// `agent --cleanup`: removes every rule of both backends from the namespace (a node that
-/// stops being a server, like kube-proxy's `--cleanup`); homes are left alone. Returns what
-/// was removed, by backend name.
+/// stops being a server, like kube-proxy's `--cleanup`), in both iptables flavours; homes are
+/// left alone. Returns what was removed.
 pub fn cleanup(
     netns: &NetworkNamespace,
     timeout: std::time::Duration,
-) -> anyhow::Result<Vec<&'static str>> {
+) -> anyhow::Result<Vec<String>> {
     let scope = match netns {
         NetworkNamespace::Current => CommandScope::CurrentNamespace,
         NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
     };
     let tools = Tools::new(scope, timeout);
     let mut removed = Vec::new();
-    match ForwardAccept::new(tools.clone()).remove() {
-        Ok(true) => removed.push("iptables FORWARD accept"),
-        Ok(false) | Err(ForwardingError::Spawn { .. }) => {}
-        Err(error) => return Err(anyhow::anyhow!("the FORWARD accept: {error}")),
-    }
-    let all: [Box<dyn ForwardingBackend>; 2] = [
-        Box::new(NftBackend::new(tools.clone())),
-        Box::new(IptablesBackend::new(tools)),
-    ];
-    for backend in all {
-        match backend.remove_all() {
-            Ok(true) => removed.push(backend.name()),
-            Ok(false) | Err(ForwardingError::Spawn { .. }) => {}
-            Err(error) => return Err(anyhow::anyhow!("{}: {error}", backend.name())),
+    let mut note = |what: String, result: Result<bool, ForwardingError>| match result {
+        Ok(true) => {
+            removed.push(what);
+            Ok(())
         }
+        // A host without that tool has nothing of it to remove.
+        Ok(false) | Err(ForwardingError::Spawn { .. }) => Ok(()),
+        Err(error) => Err(anyhow::anyhow!("{what}: {error}")),
+    };
+    note(
+        "nftables table".into(),
+        NftBackend::new(tools.clone()).remove_all(),
+    )?;
+    for (flavour, mode) in [
+        ("iptables-nft", config::IptablesMode::Nft),
+        ("iptables-legacy", config::IptablesMode::Legacy),
+    ] {
+        let flavoured = tools.clone().with_iptables(mode);
+        note(
+            format!("{flavour} FORWARD accept"),
+            ForwardAccept::new(flavoured.clone()).remove(),
+        )?;
+        note(
+            format!("{flavour} chains"),
+            IptablesBackend::new(flavoured).remove_all(),
+        )?;
     }
     Ok(removed)
 }
@@ -160,7 +171,11 @@ impl Agent {
             NetworkNamespace::Current => CommandScope::CurrentNamespace,
             NetworkNamespace::Named(name) => CommandScope::Netns(name.clone()),
         };
-        let tools = Tools::new(scope, options.config.port_forward.command_timeout);
+        let tools = Tools::new(scope, options.config.port_forward.command_timeout)
+            .with_iptables(options.config.port_forward.iptables_mode);
+        if let Some(mode) = tools.iptables {
+            info!(?mode, "iptables flavour");
+        }
         let forward_accept = Arc::new(ForwardAccept::new(tools.clone()));
         let (backend, unused) = backends(options.config.port_forward.backend, tools);
         let mut registry = Registry::default();

@@ -917,7 +917,10 @@ async fn switching_the_backend_leaves_no_old_rule_behind() {
         Duration::from_secs(10),
     )
     .unwrap();
-    assert_eq!(removed, ["iptables FORWARD accept", "iptables"]);
+    assert_eq!(
+        removed,
+        ["iptables-nft FORWARD accept", "iptables-nft chains"]
+    );
     assert!(owned_iptables_rules(node).is_empty());
     assert!(!nft_table_exists(node));
     assert!(
@@ -998,4 +1001,56 @@ async fn forwards_get_through_a_forward_drop_policy_nftables() {
 #[tokio::test]
 async fn forwards_get_through_a_forward_drop_policy_iptables() {
     forwards_get_through_a_forward_drop_policy(Backend::Iptables).await;
+}
+
+/// A host whose rules are in legacy iptables (an older distribution, or a kube-proxy run with
+/// iptables-legacy): the agent finds them and writes its own there too, where they are ordered
+/// with the host's; nothing goes to the nft flavour.
+#[tokio::test]
+async fn the_agent_writes_iptables_rules_in_the_flavour_the_host_uses() {
+    let plane = plane_with_crds().await;
+    let world = World::new(plane, Backend::Iptables, 1, vec![PRIVATE_PORT]).await;
+    let node = world.node(1);
+    for args in [
+        &["-t", "nat", "-N", "KUBE-SERVICES"][..],
+        &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+        &["-t", "filter", "-N", "KUBE-FIREWALL"],
+        &["-t", "filter", "-A", "INPUT", "-j", "KUBE-FIREWALL"],
+    ] {
+        node.netns.run("iptables-legacy", args).unwrap();
+    }
+    let mut agent = world.start_agent(1);
+    seed_example(&world).await;
+    programmed(&world, "hydra-web").await;
+    agent.wait_ready().await;
+    replies_from(
+        &tcp_ok(&world.client_netns, node.public(PUBLIC_PORT), "legacy"),
+        "legacy",
+        CLIENT_ADDRESS,
+    );
+    let legacy = node.netns.run("iptables-legacy-save", &[]).unwrap();
+    let nft = node.netns.run("iptables-nft-save", &[]).unwrap();
+    assert!(legacy.contains("-A UWSGI-IT-FORWARDS"), "{legacy}");
+    assert!(
+        legacy.contains("-A FORWARD -j UWSGI-IT-FORWARD"),
+        "{legacy}"
+    );
+    assert!(!nft.contains("UWSGI-IT"), "{nft}");
+    agent.stop().await.unwrap();
+    let removed = uwsgi_it_agent::cleanup(
+        &uwsgi_it_agent::NetworkNamespace::Named(node.netns.name().to_owned()),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(
+        removed,
+        ["iptables-legacy FORWARD accept", "iptables-legacy chains"]
+    );
+    assert!(
+        !node
+            .netns
+            .run("iptables-legacy-save", &[])
+            .unwrap()
+            .contains("UWSGI-IT")
+    );
 }

@@ -34,11 +34,39 @@ pub enum ForwardingBackend {
     Iptables,
 }
 
+/// Which iptables the agent uses (for the iptables backend and the `FORWARD` accept): the one
+/// the host's other components use, since rules in the other flavour are invisible to them and
+/// ordered apart from theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesMode {
+    /// Whichever flavour holds the host's rules (see [`choose_iptables_mode`]).
+    #[default]
+    Auto,
+    /// iptables over nf_tables (`iptables-nft`).
+    Nft,
+    /// The legacy xtables (`iptables-legacy`).
+    Legacy,
+}
+
+/// The flavour the host's rules are in, as kube-proxy's iptables wrapper decides: the legacy one
+/// when it holds more rules than the nft one (other than the agent's own), else nft, the
+/// default of current distributions.
+pub fn choose_iptables_mode(legacy_rules: usize, nft_rules: usize) -> IptablesMode {
+    if legacy_rules > nft_rules {
+        IptablesMode::Legacy
+    } else {
+        IptablesMode::Nft
+    }
+}
+
 /// Port-forwarding settings of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortForwardConfig {
     /// Which netfilter backend to use.
     pub backend: ForwardingBackend,
+    /// Which iptables flavour (`portForward.iptablesMode`).
+    pub iptables_mode: IptablesMode,
     /// How often the whole ruleset is rewritten even when nothing changed (repairs drift).
     pub resync_period: Duration,
     /// How long one `nft`, `iptables-restore`, `iptables-save` or `conntrack` may run before the
@@ -95,6 +123,7 @@ impl Default for OperatorConfig {
                 .collect(),
             port_forward: PortForwardConfig {
                 backend: ForwardingBackend::default(),
+                iptables_mode: IptablesMode::default(),
                 resync_period: Duration::from_secs(30),
                 command_timeout: Duration::from_secs(10),
                 max_sync_age: default_max_sync_age(
@@ -191,6 +220,7 @@ struct RawConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPortForward {
     backend: Option<ForwardingBackend>,
+    iptables_mode: Option<IptablesMode>,
     resync_period: Option<String>,
     command_timeout: Option<String>,
     max_sync_age: Option<String>,
@@ -290,6 +320,7 @@ impl OperatorConfig {
             pod_networks,
             port_forward: PortForwardConfig {
                 backend: forward.backend.unwrap_or_default(),
+                iptables_mode: forward.iptables_mode.unwrap_or_default(),
                 resync_period,
                 command_timeout,
                 max_sync_age,
@@ -452,6 +483,17 @@ uidStore: uids
             let err = OperatorConfig::from_yaml(text).expect_err(text).to_string();
             assert!(err.contains(key), "{text}: {err} does not name {key}");
         }
+    }
+
+    #[test]
+    fn the_iptables_flavour_with_more_rules_wins_and_nft_breaks_ties() {
+        assert_eq!(choose_iptables_mode(0, 0), IptablesMode::Nft);
+        assert_eq!(choose_iptables_mode(5, 5), IptablesMode::Nft);
+        assert_eq!(choose_iptables_mode(6, 5), IptablesMode::Legacy);
+        assert_eq!(choose_iptables_mode(0, 40), IptablesMode::Nft);
+        let config = OperatorConfig::from_yaml("portForward: {iptablesMode: legacy}").unwrap();
+        assert_eq!(config.port_forward.iptables_mode, IptablesMode::Legacy);
+        assert!(OperatorConfig::from_yaml("portForward: {iptablesMode: both}").is_err());
     }
 
     #[test]
