@@ -12,10 +12,12 @@
 //! - full/floor: agent nft full against the `nft -f` (text) floor.
 //! - agent nft resync no-op: `NftBackend::apply` when already in sync (the periodic resync:
 //!   list + compare, nothing written).
+//! - floor nft -j list: `nft -j list table` of the installed table alone, the read the no-op
+//!   resync cannot avoid; no-op/list is the resync against it.
 //! - agent iptables full: `IptablesBackend::apply` (iptables-save, compare, iptables-restore).
-//! - iptables -A script: one `iptables -t nat -A` process per rule; for 10,000 the time is
-//!   extrapolated from the first 1,000 (marked `~`).
-//! - script/agent: that script against agent nft full.
+//! - floor iptables-restore: the same restore input prepared in advance as a file, one
+//!   `iptables-restore --noflush` (the same work without the agent's read, compare and render);
+//!   agent/floor is the agent against it.
 //!
 //! Then the event path at 10,000 mappings (`apply_incremental`, one change at a time), and the
 //! first-packet latency: the time a fresh TCP connection from a client namespace takes to be
@@ -165,16 +167,18 @@ fn full_syncs(directory: &std::path::Path) {
 
     println!("full sync (whole owned table written onto an empty one)");
     println!(
-        "{:>8} | {:>14} | {:>15} | {:>13} | {:>10} | {:>22} | {:>19} | {:>17} | {:>13}",
+        "{:>8} | {:>14} | {:>15} | {:>13} | {:>10} | {:>22} | {:>17} | {:>11} | {:>19} | {:>24} | {:>14}",
         "mappings",
         "agent nft full",
         "floor nft -j -f",
         "floor nft -f",
         "full/floor",
         "agent nft resync no-op",
+        "floor nft -j list",
+        "no-op/list",
         "agent iptables full",
-        "iptables -A script",
-        "script/agent"
+        "floor iptables-restore",
+        "agent/floor"
     );
     for mappings in [100usize, 1_000, 10_000] {
         let desired = ruleset(mappings);
@@ -210,55 +214,61 @@ fn full_syncs(directory: &std::path::Path) {
         let text_path = text_file.to_str().unwrap().to_owned();
         let floor_text = measure(runs, reset, || run("nft", &["-f", &text_path]));
 
+        // The read alone, of the table the agent installed.
+        reset();
+        nft_backend.apply(&desired).unwrap();
+        let floor_list = measure(
+            runs,
+            || {},
+            || {
+                let listed = Command::new("nft")
+                    .args(["-j", "list", "table", "ip", nft::TABLE])
+                    .output()
+                    .unwrap();
+                assert!(listed.status.success());
+            },
+        );
+
         let agent_iptables = measure(runs.min(3), reset, || {
             assert!(iptables_backend.apply(&desired).unwrap().rewritten);
         });
-
-        let sample = mappings.min(1_000);
-        reset();
-        let started = Instant::now();
-        for forward in &desired.forwards()[..sample] {
-            run(
-                "iptables",
-                &[
-                    "-t",
-                    "nat",
-                    "-A",
-                    "PREROUTING",
-                    "-d",
-                    &PUBLIC.to_string(),
-                    "-p",
-                    forward.protocol.as_str(),
-                    "--dport",
-                    &forward.public_port.to_string(),
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &forward.target.to_string(),
-                ],
-            );
-        }
-        let script = started.elapsed().mul_f64(mappings as f64 / sample as f64);
-        let script_label = if sample < mappings {
-            format!("~{}", ms(script))
-        } else {
-            ms(script)
-        };
+        // The same restore, prepared: what the agent writes onto an empty nat table (its chains
+        // and the three jumps).
+        let restore_file = directory.join(format!("nat-{mappings}.restore"));
+        std::fs::write(
+            &restore_file,
+            uwsgi_it_domain::forwarding::iptables::restore_input(
+                &desired,
+                &uwsgi_it_domain::forwarding::iptables::JUMP_RULES,
+            ),
+        )
+        .unwrap();
+        let floor_restore = measure(runs.min(3), reset, || {
+            let input = std::fs::File::open(&restore_file).unwrap();
+            let status = Command::new("iptables-restore")
+                .arg("--noflush")
+                .stdin(input)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        });
 
         println!(
-            "{:>8} | {:>11} ms | {:>12} ms | {:>10} ms | {:>9.2}x | {:>19} ms | {:>16} ms | {:>14} ms | {:>12.0}x",
+            "{:>8} | {:>11} ms | {:>12} ms | {:>10} ms | {:>9.2}x | {:>19} ms | {:>14} ms | {:>10.2}x | {:>16} ms | {:>21} ms | {:>13.2}x",
             mappings,
             ms(agent_full),
             ms(floor_json),
             ms(floor_text),
             agent_full.as_secs_f64() / floor_text.as_secs_f64(),
             ms(agent_noop),
+            ms(floor_list),
+            agent_noop.as_secs_f64() / floor_list.as_secs_f64(),
             ms(agent_iptables),
-            script_label,
-            script.as_secs_f64() / agent_full.as_secs_f64(),
+            ms(floor_restore),
+            agent_iptables.as_secs_f64() / floor_restore.as_secs_f64(),
         );
     }
-    println!("(~ = extrapolated from the first 1,000 rules of the script)");
+
     reset();
 }
 

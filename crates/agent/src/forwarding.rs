@@ -520,6 +520,9 @@ pub fn delete_udp_conntrack(
 pub struct NftBackend {
     tools: Tools,
     memory: Memory,
+    /// The normalised rendering of the last ruleset inspected against: as costly to make as a
+    /// listing is to read, and the same for every resync while nothing changes.
+    expected: Mutex<Option<(ForwardingRuleset, nft::ExpectedListing)>>,
 }
 
 impl NftBackend {
@@ -527,6 +530,7 @@ impl NftBackend {
         NftBackend {
             tools: tools.into(),
             memory: Memory::default(),
+            expected: Mutex::new(None),
         }
     }
 
@@ -610,7 +614,16 @@ impl ForwardingBackend for NftBackend {
     }
 
     fn inspect(&self, desired: &ForwardingRuleset) -> Result<Inspection, ForwardingError> {
-        let inspection = nft::inspect_listing(desired, self.listing()?.as_deref())?;
+        let listing = self.listing()?;
+        let mut cached = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        if cached
+            .as_ref()
+            .is_none_or(|(for_ruleset, _)| for_ruleset != desired)
+        {
+            *cached = Some((desired.clone(), nft::ExpectedListing::of(desired)));
+        }
+        let (_, expected) = cached.as_ref().expect("just filled");
+        let inspection = nft::inspect_listing_against(desired, expected, listing.as_deref())?;
         Ok(Inspection {
             difference: inspection.difference,
             installed: inspection.installed,

@@ -516,23 +516,46 @@ pub enum ListingError {
 
 /// Comparable form of one listed object: kind, name, body without handle, elements sorted.
 fn normalise(object: &Value) -> Option<(String, String)> {
+    /// A body field as compared: as it is, or (`elem`) its elements in a canonical order.
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Field<'a> {
+        Plain(&'a Value),
+        Sorted(Vec<&'a Value>),
+    }
     let (kind, body) = object.as_object()?.iter().next()?;
     if kind == "metainfo" {
         return None;
-    }
-    let mut body = body.clone();
-    if let Some(fields) = body.as_object_mut() {
-        fields.remove("handle");
-        if let Some(Value::Array(elements)) = fields.get_mut("elem") {
-            elements.sort_by_cached_key(|e| e.to_string());
-        }
     }
     let label = match (kind.as_str(), body.get("name"), body.get("chain")) {
         (_, Some(Value::String(name)), _) => format!("{kind} {name}"),
         ("rule", _, Some(Value::String(chain))) => format!("rule in chain {chain}"),
         _ => kind.clone(),
     };
-    Some((label, serde_json::json!({ kind: body }).to_string()))
+    // Borrowed, not cloned: a big table's maps are megabytes. Keys sorted (a BTreeMap), the
+    // handle left out, elements sorted: the same text for the same content on both sides.
+    let text = match body.as_object() {
+        Some(fields) => {
+            let canonical: BTreeMap<&str, Field<'_>> = fields
+                .iter()
+                .filter(|(name, _)| name.as_str() != "handle")
+                .map(|(name, value)| {
+                    let field = match (name.as_str(), value) {
+                        ("elem", Value::Array(elements)) => {
+                            let mut sorted: Vec<&Value> = elements.iter().collect();
+                            sorted.sort_by_cached_key(|e| e.to_string());
+                            Field::Sorted(sorted)
+                        }
+                        _ => Field::Plain(value),
+                    };
+                    (name.as_str(), field)
+                })
+                .collect();
+            serde_json::to_string(&canonical).expect("JSON values serialise")
+        }
+        None => body.to_string(),
+    };
+    Some((label, format!("{kind}:{text}")))
 }
 
 /// Compares `nft -j list table ip uwsgi_it` output with the rendering of `desired`.
@@ -542,33 +565,58 @@ pub fn inspect_listing(
     desired: &ForwardingRuleset,
     listing_json: Option<&str>,
 ) -> Result<NftInspection, ListingError> {
+    inspect_listing_against(desired, &ExpectedListing::of(desired), listing_json)
+}
+
+/// What [`inspect_listing`] compares a listing with: `desired` rendered and normalised, which
+/// costs as much as reading the listing; the agent keeps it while `desired` does not change, so
+/// a periodic resync pays only for the read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedListing {
+    /// Normalised object text → (label for messages, how many times).
+    wanted: BTreeMap<String, (String, usize)>,
+}
+
+impl ExpectedListing {
+    pub fn of(desired: &ForwardingRuleset) -> ExpectedListing {
+        let mut wanted: BTreeMap<String, (String, usize)> = BTreeMap::new();
+        for object in table_objects(desired)
+            .iter()
+            .map(|o| serde_json::to_value(o).expect("nftables schema types always serialise"))
+        {
+            if let Some((label, text)) = normalise(&object) {
+                wanted.entry(text).or_insert((label, 0)).1 += 1;
+            }
+        }
+        ExpectedListing { wanted }
+    }
+}
+
+/// [`inspect_listing`] with `expected` = `ExpectedListing::of(desired)` already made.
+pub fn inspect_listing_against(
+    desired: &ForwardingRuleset,
+    expected: &ExpectedListing,
+    listing_json: Option<&str>,
+) -> Result<NftInspection, ListingError> {
+    // Owned all the way: the listing of a big table is megabytes, copied nowhere.
     let listed: Vec<Value> = match listing_json {
         None => Vec::new(),
         Some(text) => {
-            let document: Value = serde_json::from_str(text)?;
-            document
-                .get("nftables")
-                .and_then(Value::as_array)
-                .ok_or(ListingError::Shape)?
-                .clone()
+            let mut document: Value = serde_json::from_str(text)?;
+            match document.get_mut("nftables").map(Value::take) {
+                Some(Value::Array(objects)) => objects,
+                _ => return Err(ListingError::Shape),
+            }
         }
     };
-    let installed = installed_ruleset(&listed);
     if listed.is_empty() {
         return Ok(NftInspection {
             difference: Some(format!("table ip {TABLE} is missing")),
-            installed,
+            installed: installed_ruleset(&listed),
         });
     }
 
-    let desired_objects: Vec<Value> = table_objects(desired)
-        .iter()
-        .map(|o| serde_json::to_value(o).expect("nftables schema types always serialise"))
-        .collect();
-    let mut wanted: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    for (label, text) in desired_objects.iter().filter_map(normalise) {
-        wanted.entry(text).or_insert((label, 0)).1 += 1;
-    }
+    let wanted = &expected.wanted;
     let mut present: BTreeMap<String, (String, usize)> = BTreeMap::new();
     for (label, text) in listed.iter().filter_map(normalise) {
         present.entry(text).or_insert((label, 0)).1 += 1;
@@ -583,6 +631,11 @@ pub fn inspect_listing(
                 .find(|(text, _)| !wanted.contains_key(*text))
                 .map(|(_, (label, _))| format!("unexpected {label}"))
         });
+    // What is installed is needed only to clean conntrack after a rewrite: read it only then.
+    let installed = match difference {
+        Some(_) => installed_ruleset(&listed),
+        None => desired.clone(),
+    };
     Ok(NftInspection {
         difference,
         installed,
