@@ -164,9 +164,11 @@ impl Tools {
             let mut bytes = Vec::new();
             stderr_pipe.read_to_end(&mut bytes).map(|_| bytes)
         });
-        let waited = child
-            .wait_timeout(self.timeout)
-            .map_err(spawn_error(&command))?;
+        let wait_error = |source| ForwardingError::Wait {
+            program: describe(&command),
+            source,
+        };
+        let waited = child.wait_timeout(self.timeout).map_err(wait_error)?;
         let status = match waited {
             Some(status) => status,
             None => {
@@ -185,8 +187,8 @@ impl Tools {
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("pipe reader panicked")))
         };
-        let stdout = joined(stdout).map_err(spawn_error(&command))?;
-        let stderr = joined(stderr).map_err(spawn_error(&command))?;
+        let stdout = joined(stdout).map_err(wait_error)?;
+        let stderr = joined(stderr).map_err(wait_error)?;
         if let Some(writer) = writer {
             let written = writer
                 .join()
@@ -194,7 +196,7 @@ impl Tools {
             // A tool that exits before reading all its input fails on its own terms (its
             // status and stderr say why); a broken pipe alone is not the error to report.
             if status.success() {
-                written.map_err(spawn_error(&command))?;
+                written.map_err(wait_error)?;
             }
         }
         Ok(Output {
@@ -222,6 +224,12 @@ impl From<CommandScope> for Tools {
 pub enum ForwardingError {
     #[error("could not run {program}: {source}")]
     Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program}: waiting for it or its output failed: {source}")]
+    Wait {
         program: String,
         #[source]
         source: std::io::Error,

@@ -151,6 +151,13 @@ impl Workloads {
             pods: pods
                 .iter()
                 .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+                // A finished Pod's address may already be another Pod's.
+                .filter(|p| {
+                    !matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
+                })
                 .map(|p| {
                     let owner = p
                         .meta()
@@ -403,7 +410,13 @@ async fn sync_once(ctx: &Context, state: &mut SyncState, full: bool) {
                 report(ctx, state, &plan, public, Some(&error)).await;
                 return;
             }
-            Err(error) => warn!(%error, "listening-socket task failed"),
+            Err(error) => {
+                ctx.metrics.sync_failed(started.elapsed());
+                let error = format!("could not read the node's listening sockets: {error}");
+                warn!(%error, "the previous rules stay in place");
+                report(ctx, state, &plan, public, Some(&error)).await;
+                return;
+            }
         }
     }
 

@@ -265,13 +265,19 @@ impl OperatorConfig {
                 .iter()
                 .enumerate()
                 .map(|(index, text)| {
-                    text.parse().map_err(|e: crate::forwarding::RulesetError| {
-                        ConfigError::PodNetworks {
-                            index,
-                            text: text.clone(),
-                            problem: e.to_string(),
-                        }
-                    })
+                    let fail = |problem: String| ConfigError::PodNetworks {
+                        index,
+                        text: text.clone(),
+                        problem,
+                    };
+                    let network: Ipv4Cidr = text
+                        .parse()
+                        .map_err(|e: crate::forwarding::RulesetError| fail(e.to_string()))?;
+                    // A NetworkPolicy's `except` must be strictly inside 0.0.0.0/0.
+                    if network.prefix_len() == 0 {
+                        return Err(fail("must not be the whole address space".into()));
+                    }
+                    Ok(network)
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             None => defaults.pod_networks,
@@ -466,6 +472,7 @@ uidStore: uids
             ("publicPorts: '80-9000'", "publicPorts"),
             ("publicPorts: 'many'", "publicPorts"),
             ("podNetworks: ['10.244.0.0']", "podNetworks[0]"),
+            ("podNetworks: ['10.0.0.0/8', '0.0.0.0/0']", "podNetworks[1]"),
             (
                 "portForward: {commandTimeout: 0s}",
                 "portForward.commandTimeout",

@@ -139,7 +139,8 @@ pub fn restore_input(ruleset: &ForwardingRuleset, missing_jumps: &[JumpRule]) ->
 }
 
 /// The chain of table `filter` that accepts the agent's forwarded connections, jumped to from
-/// the top of `FORWARD`. Hosts whose filter policy drops what nothing accepted (Docker sets
+/// the end of `FORWARD`, so that the host's own filter rules before it (`DOCKER-USER`, ufw's,
+/// a supplier's drops) still decide first and only the chain's policy is overridden. Hosts whose filter policy drops what nothing accepted (Docker sets
 /// `FORWARD` to DROP, ufw does too) would otherwise drop every forward after its DNAT; the CNI
 /// portmap plugin adds the same kind of accept. Whichever backend does the DNAT, this is
 /// iptables' table, so both backends keep it.
@@ -153,7 +154,8 @@ pub const FORWARD_ACCEPT_JUMP: JumpRule = JumpRule {
 
 /// The rules of [`FORWARD_ACCEPT_CHAIN`], as `iptables-save -t filter` prints them: both
 /// directions of every connection DNATed from a public address (conntrack's original
-/// destination), and nothing else: another component's DNAT is its own business.
+/// destination). That includes other DNATs to the same address (NodePorts, hostPorts): they
+/// reach this chain only when no rule of the host's decided before it, as above.
 pub fn forward_accept_rules(public_addresses: &[Ipv4Addr]) -> Vec<String> {
     public_addresses
         .iter()
@@ -195,7 +197,7 @@ pub fn forward_accept_input(public_addresses: &[Ipv4Addr], save_output: &str) ->
         input.push('\n');
     }
     if !jumped {
-        let _ = writeln!(input, "-I FORWARD 1 -j {FORWARD_ACCEPT_CHAIN}");
+        let _ = writeln!(input, "-A FORWARD -j {FORWARD_ACCEPT_CHAIN}");
     }
     input.push_str("COMMIT\n");
     Some(input)

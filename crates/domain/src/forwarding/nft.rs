@@ -385,7 +385,6 @@ pub fn transaction(ruleset: &ForwardingRuleset) -> Nftables<'static> {
     }
 }
 
-/// [`transaction`] serialised for `nft -j -f -`.
 /// The transaction that removes the agent's table (and with it every rule, set and map of it);
 /// run only when the table exists. Other tables are not touched.
 pub fn cleanup_json() -> String {
@@ -397,6 +396,7 @@ pub fn cleanup_json() -> String {
     serde_json::to_string(&batch).expect("an nftables batch serializes")
 }
 
+/// [`transaction`] serialised for `nft -j -f -`.
 pub fn transaction_json(ruleset: &ForwardingRuleset) -> String {
     serde_json::to_string(&transaction(ruleset)).expect("nftables schema types always serialise")
 }

@@ -610,7 +610,7 @@ fn the_forward_accept_chain_is_written_only_when_it_differs() {
         "*filter
 :UWSGI-IT-FORWARD - [0:0]
 -A UWSGI-IT-FORWARD -m conntrack --ctstate DNAT --ctorigdst 203.0.113.10 -j ACCEPT
--I FORWARD 1 -j UWSGI-IT-FORWARD
+-A FORWARD -j UWSGI-IT-FORWARD
 COMMIT
 "
     );
@@ -627,7 +627,7 @@ COMMIT
     let other: Vec<std::net::Ipv4Addr> = vec!["203.0.113.20".parse().unwrap()];
     let input = iptables::forward_accept_input(&other, saved).unwrap();
     assert!(input.contains("--ctorigdst 203.0.113.20"), "{input}");
-    assert!(!input.contains("-I FORWARD"), "{input}");
+    assert!(!input.contains("-A FORWARD -j"), "{input}");
     let cleanup = iptables::forward_accept_cleanup_input(saved).unwrap();
     assert_eq!(
         cleanup,
