@@ -214,6 +214,28 @@ impl Default for Tools {
     }
 }
 
+impl Tools {
+    /// `iptables-save -t <table>` in the chosen flavour.
+    fn iptables_save(&self, table: &str) -> Result<String, ForwardingError> {
+        let mut command = self.command("iptables-save");
+        command.args(["-t", table]);
+        let output = self.output(command.to_owned_command(), None)?;
+        let output = checked(&command, output)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `iptables-restore --noflush` with `input` on stdin (one atomic commit). `-w`: wait for
+    /// the xtables lock that kube-proxy, the kubelet or a CNI plugin may hold (legacy iptables;
+    /// the nft flavour takes and ignores it), within the command timeout.
+    fn iptables_restore(&self, input: &str) -> Result<(), ForwardingError> {
+        let mut command = self.command("iptables-restore");
+        let wait = self.timeout.as_secs().saturating_sub(1).max(1);
+        command.args(["-w", &wait.to_string(), "--noflush"]);
+        let output = self.output(command.to_owned_command(), Some(input.as_bytes()))?;
+        checked(&command, output).map(|_| ())
+    }
+}
+
 impl From<CommandScope> for Tools {
     fn from(scope: CommandScope) -> Tools {
         Tools::new(scope, Tools::DEFAULT_TIMEOUT)
@@ -675,17 +697,8 @@ impl IptablesBackend {
         }
     }
 
-    /// `iptables-restore --noflush` with `input` on stdin (one atomic commit). `-w`: wait for
-    /// the xtables lock that kube-proxy, the kubelet or a CNI plugin may hold (legacy iptables;
-    /// the nft flavour takes and ignores it), within the command timeout.
     fn restore(&self, input: &str) -> Result<(), ForwardingError> {
-        let mut command = self.tools.command("iptables-restore");
-        let wait = self.tools.timeout.as_secs().saturating_sub(1).max(1);
-        command.args(["-w", &wait.to_string(), "--noflush"]);
-        let output = self
-            .tools
-            .output(command.to_owned_command(), Some(input.as_bytes()))?;
-        checked(&command, output).map(|_| ())
+        self.tools.iptables_restore(input)
     }
 
     fn apply_locked(
@@ -706,11 +719,7 @@ impl IptablesBackend {
     }
 
     fn save(&self) -> Result<String, ForwardingError> {
-        let mut command = self.tools.command("iptables-save");
-        command.args(["-t", "nat"]);
-        let output = self.tools.output(command.to_owned_command(), None)?;
-        let output = checked(&command, output)?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        self.tools.iptables_save("nat")
     }
 
     fn inspect_with_jumps(
@@ -801,21 +810,11 @@ impl ForwardAccept {
     }
 
     fn save(&self) -> Result<String, ForwardingError> {
-        let mut command = self.tools.command("iptables-save");
-        command.args(["-t", "filter"]);
-        let output = self.tools.output(command.to_owned_command(), None)?;
-        let output = checked(&command, output)?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        self.tools.iptables_save("filter")
     }
 
     fn restore(&self, input: &str) -> Result<(), ForwardingError> {
-        let mut command = self.tools.command("iptables-restore");
-        let wait = self.tools.timeout.as_secs().saturating_sub(1).max(1);
-        command.args(["-w", &wait.to_string(), "--noflush"]);
-        let output = self
-            .tools
-            .output(command.to_owned_command(), Some(input.as_bytes()))?;
-        checked(&command, output).map(|_| ())
+        self.tools.iptables_restore(input)
     }
 
     /// Makes the accept cover exactly `addresses`. `full` reads the kernel (repairing drift);
