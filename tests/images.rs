@@ -68,8 +68,10 @@ fn the_dockerfile_build_stage_copies_everything_cargo_reads() {
     }
     // `cargo fetch` reads what `cargo build --locked` reads first: every manifest of the
     // workspace and the path of every target they declare (`cargo metadata` does not check those).
+    // It fetches for every platform: on a fresh machine some crates (a Windows-only one, say)
+    // are not in the local cache yet, so it may download them (hack/test.sh fetches first).
     let output = Command::new(env!("CARGO"))
-        .args(["fetch", "--locked", "--offline"])
+        .args(["fetch", "--locked"])
         .arg("--manifest-path")
         .arg(context.path().join("Cargo.toml"))
         .output()
