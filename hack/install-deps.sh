@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the agent and its tests need (nft, iptables, ip, conntrack), and
 # those of the real cluster (hack/cluster.sh: runc, the CNI plugins, openssl, curl) and of the
-# image builder (hack/images.sh: mmdebstrap).
+# image builder (hack/images.sh: mmdebstrap), and Lua 5.1 for the Argo CD health checks' tests
+# (Argo CD runs them with gopher-lua, a Lua 5.1).
 # A no-op when they are already there, so the warm path costs nothing.
 set -euo pipefail
 need=()
@@ -15,6 +16,7 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v nsenter >/dev/null || need+=(util-linux)
+command -v lua5.1 >/dev/null || need+=(lua5.1)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -16,12 +16,23 @@ if [ -n "${CI:-}" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
   export CARGO_TARGET_DIR="$HOME/.cache/uwsgi-it-operator/cargo-target"
 fi
 
+# kstatus (sigs.k8s.io/cli-utils), run by the tests on live objects: GitOps health as Flux reads it.
+UWSGI_IT_KSTATUS=$(bash hack/kstatus.sh)
+export UWSGI_IT_KSTATUS
+# Prometheus' rule parser and PromQL engine: the chart's alerts, checked and evaluated on scrapes.
+UWSGI_IT_ALERTCHECK=$(bash hack/alertcheck.sh)
+export UWSGI_IT_ALERTCHECK
+
 # The real cluster (tests/real_cluster.rs): kubelet, kube-proxy, kube-scheduler, containerd,
 # and the images it runs (the release binary, the platform distro, the pause image).
 UWSGI_IT_NODE_BIN=$(bash hack/node-binaries.sh)
 export UWSGI_IT_NODE_BIN
 echo "[test] building the images (hack/images.sh)" >&2
 bash hack/images.sh >/dev/null
+
+# Every crate of the lock file, for every platform (the Dockerfile test reads the whole graph).
+echo "[test] cargo fetch" >&2
+cargo fetch --locked --quiet
 
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -1,5 +1,7 @@
 //! `uwsgi-it-operator`: one binary, one subcommand per program.
 
+mod check;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -69,6 +71,19 @@ enum Command {
         #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Check that the install answers (what `helm test` runs): every CRD established, a
+    /// controller replica leading, every agent ready.
+    Check {
+        /// The release namespace (the controller's Lease and the agent DaemonSet).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "uwsgi-it-system")]
+        namespace: String,
+        /// The agent DaemonSet's name.
+        #[arg(long)]
+        agent_daemonset: String,
+        /// Seconds to keep trying before failing.
+        #[arg(long, default_value_t = 120)]
+        timeout_seconds: u64,
+    },
     /// Write the CustomResourceDefinitions generated from the Rust types.
     Crds {
         /// Directory to write one YAML file per CRD into; prints them to stdout when omitted.
@@ -89,6 +104,24 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds { out } => write_crds(out),
+        Command::Check {
+            namespace,
+            agent_daemonset,
+            timeout_seconds,
+        } => tokio::runtime::Runtime::new()?.block_on(async move {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            check::run(
+                client,
+                check::Target {
+                    namespace,
+                    agent_daemonset,
+                    timeout: std::time::Duration::from_secs(timeout_seconds),
+                },
+            )
+            .await
+        }),
         Command::Agent {
             config,
             cleanup: true,

@@ -1277,6 +1277,29 @@ async fn controller_and_agent_have_least_privilege() {
             false,
         ),
         (&controller, ask("patch", "", "nodes", None, None), false),
+        // Per-customer readers (the admission policy keeps them to reads of named objects).
+        (
+            &controller,
+            ask(
+                "create",
+                "rbac.authorization.k8s.io",
+                "clusterrolebindings",
+                None,
+                None,
+            ),
+            true,
+        ),
+        (
+            &controller,
+            ask(
+                "escalate",
+                "rbac.authorization.k8s.io",
+                "clusterroles",
+                None,
+                None,
+            ),
+            false,
+        ),
         // The ledger is replaced under a precondition, never patched; the spec is the supplier's.
         (
             &controller,
@@ -1731,6 +1754,76 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
             .await,
     );
     assert!(message.contains("changes no other namespace"), "{message}");
+
+    // Per-customer readers: its own kind of ClusterRole and binding, nothing broader.
+    let roles: Api<ClusterRole> = Api::all(controller.clone());
+    let reader = format!("uwsgi-it-customer-vap-{suffix}");
+    let role = |name: &str, rules: serde_json::Value| -> ClusterRole {
+        serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules})).unwrap()
+    };
+    let reads = json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get", "watch"], "resourceNames": ["acme"]}]);
+    roles
+        .create(&PostParams::default(), &role(&reader, reads.clone()))
+        .await
+        .expect("the controller writes a customer's reader ClusterRole");
+    for (what, name, rules) in [
+        ("another name", format!("admin-{suffix}"), reads.clone()),
+        (
+            "every Customer",
+            format!("uwsgi-it-customer-all-{suffix}"),
+            json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get"]}]),
+        ),
+        (
+            "a write",
+            format!("uwsgi-it-customer-w-{suffix}"),
+            // One the controller holds itself (so RBAC's escalation check would let it through).
+            json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["patch"], "resourceNames": ["acme"]}]),
+        ),
+        (
+            "another resource",
+            format!("uwsgi-it-customer-p-{suffix}"),
+            json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["p"]}]),
+        ),
+    ] {
+        let message = denied(
+            &format!("the controller writing a ClusterRole with {what}"),
+            roles
+                .create(&PostParams::default(), &role(&name, rules))
+                .await,
+        );
+        assert!(
+            message.contains("uwsgi-it-customer-<customer>"),
+            "{what}: {message}"
+        );
+    }
+    let bindings: Api<ClusterRoleBinding> = Api::all(controller.clone());
+    let binding = |name: &str, role: &str| -> ClusterRoleBinding {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}]
+        }))
+        .unwrap()
+    };
+    bindings
+        .create(&PostParams::default(), &binding(&reader, &reader))
+        .await
+        .expect("the controller binds a customer's reader ClusterRole");
+    let message = denied(
+        "the controller binding its reader name to another ClusterRole",
+        bindings
+            .create(
+                &PostParams::default(),
+                &binding(&format!("uwsgi-it-customer-x-{suffix}"), &reader),
+            )
+            .await,
+    );
+    assert!(
+        message.contains("bind only the ClusterRole of their own name"),
+        "{message}"
+    );
+    let _ = bindings.delete(&reader, &DeleteParams::default()).await;
+    let _ = roles.delete(&reader, &DeleteParams::default()).await;
 
     // Cleanup of the cluster-scoped objects (namespaced ones go with their namespaces).
     let _ = volumes.delete(&home, &DeleteParams::default()).await;

@@ -53,6 +53,12 @@ async fn scenario(cluster: &RealCluster) {
     cluster
         .install_chart("uwsgi-it", SYSTEM, &[])
         .expect("helm install");
+    step("helm test: CRDs established, a controller leading, every agent ready");
+    let tested = cluster.test_chart("uwsgi-it", SYSTEM).expect("helm test");
+    assert!(
+        tested.contains("ok: every CRD established, a controller leading, every agent ready"),
+        "{tested}"
+    );
     cluster_apply(
         cluster,
         &std::fs::read_to_string(repo("examples/00-server.yaml")).unwrap(),

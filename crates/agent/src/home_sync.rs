@@ -51,8 +51,9 @@ const MIB: u64 = 1024 * 1024;
 struct HomesState {
     /// The spec each home was last made to match.
     ensured: HashMap<u32, HomeSpec>,
-    /// Homes measured since start; the others are measured on the next pass.
-    measured: HashMap<u32, ()>,
+    /// Homes measured since start, with the Container generation measured for (storage and
+    /// quotaThreshold are in the spec); the others are measured on the next pass.
+    measured: HashMap<u32, Option<i64>>,
     /// What releasing a home said, kept until the controller lets the Container go, so a
     /// failed status write is retried with the real outcome (a second archive finds nothing).
     released: HashMap<u32, DesiredCondition>,
@@ -142,7 +143,7 @@ async fn homes_pass(ctx: &Context, state: &mut HomesState, full: bool) {
                     "uid {uid} belongs to {holder}, which claimed it first; this container gets no home and no keys"
                 ),
             );
-            write(ctx, container, std::slice::from_ref(&refused)).await;
+            write(ctx, container, std::slice::from_ref(&refused), None).await;
             continue;
         }
         if container.meta().deletion_timestamp.is_some() {
@@ -171,10 +172,16 @@ async fn ensure(
         ssh_keys: container.spec.ssh_keys.clone(),
     };
     let conditions = container.conditions();
-    let reported_ready =
-        condition::is_true(conditions, HOME_READY) && condition::is_true(conditions, KEYS_READY);
+    let generation = container.meta().generation;
+    // Reported for this generation: an edit that changes nothing here (tags, a note) is still
+    // written again, so every condition says it saw the spec as it is (kubectl wait, kstatus).
+    let reported_ready = [HOME_READY, KEYS_READY].iter().all(|type_| {
+        condition::find(conditions, type_)
+            .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
+    });
+    let measured = state.measured.get(&uid) == Some(&generation);
     let up_to_date = state.ensured.get(&uid) == Some(&spec) && reported_ready;
-    if up_to_date && !full && state.measured.contains_key(&uid) {
+    if up_to_date && !full && measured {
         return true;
     }
 
@@ -227,19 +234,30 @@ async fn ensure(
             false
         }
     };
-    if ready && (full || !state.measured.contains_key(&uid)) {
-        if let Some(quota) = measure(ctx, container, uid).await {
+    let mut storage_used = None;
+    if ready && (full || !measured) {
+        if let Some((quota, used_mb)) = measure(ctx, container, uid).await {
             desired.push(quota);
+            storage_used = Some(used_mb);
+            ctx.metrics.set_home_storage_used(
+                &container.namespace().unwrap_or_default(),
+                &container.name_any(),
+                used_mb,
+            );
         }
-        state.measured.insert(uid, ());
+        state.measured.insert(uid, generation);
     }
-    write(ctx, container, &desired).await;
+    write(ctx, container, &desired, storage_used).await;
     ready
 }
 
 /// `StorageWithinQuota` from one walk of the home; `None` when the walk failed (logged, and
 /// the previous condition stands).
-async fn measure(ctx: &Context, container: &Container, uid: u32) -> Option<DesiredCondition> {
+async fn measure(
+    ctx: &Context,
+    container: &Container,
+    uid: u32,
+) -> Option<(DesiredCondition, i64)> {
     let homes = ctx.homes.clone();
     let usage = match tokio::task::spawn_blocking(move || homes.usage(uid)).await {
         Ok(Ok(usage)) => usage,
@@ -258,7 +276,7 @@ async fn measure(ctx: &Context, container: &Container, uid: u32) -> Option<Desir
     let at_least = if usage.truncated { "at least " } else { "" };
     let message =
         format!("uses {at_least}{used_mb} MB of {storage_mb} MB (warning at {threshold}%)");
-    Some(if threshold_crossed(usage.bytes, storage_mb, threshold) {
+    let condition = if threshold_crossed(usage.bytes, storage_mb, threshold) {
         DesiredCondition::new(
             STORAGE_WITHIN_QUOTA,
             false,
@@ -267,7 +285,8 @@ async fn measure(ctx: &Context, container: &Container, uid: u32) -> Option<Desir
         )
     } else {
         DesiredCondition::new(STORAGE_WITHIN_QUOTA, true, "WithinQuota", message)
-    })
+    };
+    Some((condition, i64::try_from(used_mb).unwrap_or(i64::MAX)))
 }
 
 /// `KeysReady` from what became of the keys.
@@ -362,18 +381,39 @@ async fn release(ctx: &Context, state: &mut HomesState, container: &Container, u
             }
         }
     };
-    write(ctx, container, std::slice::from_ref(&desired)).await;
+    ctx.metrics.forget_home(
+        &container.namespace().unwrap_or_default(),
+        &container.name_any(),
+    );
+    write(ctx, container, std::slice::from_ref(&desired), None).await;
 }
 
 /// Writes the conditions; publishes an Event when a problem appears or the quota threshold is
 /// crossed (only on the write that changes the condition, so a persisting problem is one Event).
-async fn write(ctx: &Context, container: &Container, desired: &[DesiredCondition]) {
+/// `storage_used` is a new measurement (MB); without one the last stays (the agent owns the
+/// field: a write that left it out would remove it).
+async fn write(
+    ctx: &Context,
+    container: &Container,
+    desired: &[DesiredCondition],
+    storage_used: Option<i64>,
+) {
     let before = container
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    match ctx.reporter.conditions(container, OWNED, desired).await {
+    let current_used = container.status.as_ref().and_then(|s| s.storage_used);
+    let used = storage_used.or(current_used);
+    let mut fields = serde_json::Map::new();
+    if let Some(used) = used {
+        fields.insert("storageUsed".into(), serde_json::json!(used));
+    }
+    match ctx
+        .reporter
+        .status(container, OWNED, desired, fields, used == current_used)
+        .await
+    {
         Ok(true) => {
             let reference = container.object_ref(&());
             for want in desired {

@@ -4,6 +4,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
 use uwsgi_it_telemetry::prometheus_client::metrics::counter::Counter;
+use uwsgi_it_telemetry::prometheus_client::metrics::family::Family;
 use uwsgi_it_telemetry::prometheus_client::metrics::gauge::Gauge;
 use uwsgi_it_telemetry::prometheus_client::metrics::histogram::Histogram;
 use uwsgi_it_telemetry::prometheus_client::registry::Registry;
@@ -17,6 +18,14 @@ pub struct Metrics {
     drift_repairs: Counter,
     last_successful_sync: Gauge<f64, AtomicU64>,
     homes: Gauge,
+    home_storage_used: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn home_labels(namespace: &str, container: &str) -> Vec<(String, String)> {
+    vec![
+        ("namespace".to_owned(), namespace.to_owned()),
+        ("container".to_owned(), container.to_owned()),
+    ]
 }
 
 impl Metrics {
@@ -34,6 +43,7 @@ impl Metrics {
             drift_repairs: Counter::default(),
             last_successful_sync: Gauge::default(),
             homes: Gauge::default(),
+            home_storage_used: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("uwsgi_it_agent");
         registry.register(
@@ -66,6 +76,11 @@ impl Metrics {
             "Container homes the agent manages on the node",
             metrics.homes.clone(),
         );
+        registry.register(
+            "home_storage_used_mb",
+            "Storage a container's home uses on the node (MB), as last measured",
+            metrics.home_storage_used.clone(),
+        );
         metrics
     }
 
@@ -90,6 +105,19 @@ impl Metrics {
 
     pub(crate) fn set_homes(&self, homes: usize) {
         self.homes.set(i64::try_from(homes).unwrap_or(i64::MAX));
+    }
+
+    /// Records what a container's home uses (MB), as measured.
+    pub(crate) fn set_home_storage_used(&self, namespace: &str, container: &str, used_mb: i64) {
+        self.home_storage_used
+            .get_or_create(&home_labels(namespace, container))
+            .set(used_mb);
+    }
+
+    /// Forgets a released home's usage, so the series ends with the home.
+    pub(crate) fn forget_home(&self, namespace: &str, container: &str) {
+        self.home_storage_used
+            .remove(&home_labels(namespace, container));
     }
 
     /// Drift repairs so far.

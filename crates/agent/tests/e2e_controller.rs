@@ -787,3 +787,277 @@ async fn the_forward_keeps_carrying_traffic_while_the_api_server_is_down() {
         "the agent gave up during the outage"
     );
 }
+
+/// What kstatus (Flux, Helm 4's `--wait`) and the shipped Argo CD check say of one object.
+struct Health {
+    kstatus: uwsgi_it_testbed::health::KStatus,
+    argo: uwsgi_it_testbed::health::ArgoHealth,
+    object: serde_json::Value,
+}
+
+impl Cluster {
+    /// `kubectl get <resource> <name> -o json`, then both health computations on it.
+    fn health(&self, resource: &str, name: &str) -> Health {
+        let mut args = vec!["get", resource, name, "-o", "json"];
+        if !matches!(resource, "servers" | "customers") {
+            args.extend(["-n", CUSTOMER_NAMESPACE]);
+        }
+        let object: serde_json::Value = serde_json::from_str(&self.kubectl(&args)).unwrap();
+        let kstatus = uwsgi_it_testbed::health::kstatus(std::slice::from_ref(&object))
+            .unwrap_or_else(|e| panic!("kstatus: {e:#}"))
+            .remove(0);
+        let argo = uwsgi_it_testbed::health::argo_health(&object)
+            .unwrap_or_else(|e| panic!("the Argo CD check: {e:#}"));
+        Health {
+            kstatus,
+            argo,
+            object,
+        }
+    }
+
+    /// Waits until kstatus says `kstatus` and Argo CD `argo` of the object, both messages
+    /// naming `reason`; fails after [`PATIENCE`] showing the object.
+    async fn wait_health(
+        &self,
+        resource: &str,
+        name: &str,
+        kstatus: &str,
+        argo: &str,
+        reason: &str,
+    ) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let health = self.health(resource, name);
+            if health.kstatus.status == kstatus
+                && health.argo.status == argo
+                && health.kstatus.message.contains(reason)
+                && health.argo.message.contains(reason)
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{resource}/{name}: expected kstatus {kstatus} and Argo CD {argo} naming {reason:?}, \
+                     got kstatus {:?} and Argo CD {:?}; the object:\n{}",
+                    health.kstatus,
+                    health.argo,
+                    serde_json::to_string_pretty(&health.object["status"]).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// `kubectl wait --for=condition=<condition>` on a Container; true when it returned in time.
+    fn kubectl_wait(&self, container: &str, condition: &str) -> bool {
+        self.plane
+            .kubectl()
+            .args([
+                "wait",
+                "-n",
+                CUSTOMER_NAMESPACE,
+                &format!("--for=condition={condition}"),
+                "--timeout=60s",
+                &format!("containers/{container}"),
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+
+/// Every kind, healthy and refused, as the GitOps tools read it: kstatus (run from
+/// `sigs.k8s.io/cli-utils` itself) and the shipped Argo CD health check must both say what a
+/// person would: Current/Healthy when it works, InProgress/Progressing while the system is
+/// still at it, Failed/Degraded when only a person can help; and `kubectl wait` returns after
+/// an edit that does not restart the Pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitops_tools_read_every_kind_as_a_person_would() {
+    let cluster = Cluster::start(
+        Backend::Nftables,
+        &[
+            (EXAMPLE_NODE, EXAMPLE_ADDRESS),
+            (SECOND_NODE, SECOND_ADDRESS),
+        ],
+    )
+    .await;
+    cluster.customer_ready().await;
+    cluster.quickstart().await;
+
+    // Everything the quickstart made works.
+    for (resource, name) in [
+        ("servers", EXAMPLE_NODE),
+        ("customers", "acme"),
+        ("containers", "hydra"),
+        ("portmappings", "hydra-web"),
+    ] {
+        cluster
+            .wait_health(resource, name, "Current", "Healthy", "")
+            .await;
+    }
+    let hydra = cluster.health("containers", "hydra");
+    assert_eq!(
+        hydra.argo.message, "Admitted, HomeReady, Running, KeysReady are True",
+        "{:?}",
+        hydra.object["status"]
+    );
+
+    // An edit that restarts nothing (keys, tags, note): every condition follows the new
+    // generation, `kubectl wait` returns for Ready and for Running, and the Pod stays.
+    let pod_before = cluster.kubelet().pod_address(CUSTOMER_NAMESPACE, "hydra");
+    let pod_uid = |object: &serde_json::Value| object["metadata"]["uid"].clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(cluster.client.clone(), CUSTOMER_NAMESPACE);
+    let uid_before = pod_uid(&serde_json::to_value(pods.get("hydra").await.unwrap()).unwrap());
+    cluster.kubectl(&[
+        "patch",
+        "containers/hydra",
+        "-n",
+        CUSTOMER_NAMESPACE,
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"tags": ["web"], "note": "edited", "sshKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICBJy87T4rXwutpbt5EAm1SyM1P14L4c/TMDBDkemCJl bob@example"]}}"#,
+    ]);
+    assert!(
+        cluster.kubectl_wait("hydra", "Ready"),
+        "kubectl wait --for=condition=Ready"
+    );
+    assert!(
+        cluster.kubectl_wait("hydra", "Running"),
+        "kubectl wait --for=condition=Running"
+    );
+    let edited = cluster.containers().get("hydra").await.unwrap();
+    let generation = edited.metadata.generation;
+    assert_eq!(generation, Some(2));
+    let status = edited.status.clone().unwrap();
+    assert_eq!(status.observed_generation, generation);
+    for condition in &status.conditions {
+        assert_eq!(
+            condition.observed_generation, generation,
+            "{} after the edit: {condition:?}",
+            condition.type_
+        );
+    }
+    let keys = std::fs::read_to_string(
+        cluster
+            .home_root()
+            .join(status.uid.unwrap().to_string())
+            .join(".ssh/authorized_keys"),
+    )
+    .unwrap();
+    assert!(
+        keys.contains("bob@example") && !keys.contains("alice@example"),
+        "{keys}"
+    );
+    assert_eq!(
+        cluster.kubelet().pod_address(CUSTOMER_NAMESPACE, "hydra"),
+        pod_before
+    );
+    assert_eq!(
+        pod_uid(&serde_json::to_value(pods.get("hydra").await.unwrap()).unwrap()),
+        uid_before,
+        "the edit restarted the Pod"
+    );
+    cluster
+        .wait_health("containers", "hydra", "Current", "Healthy", "")
+        .await;
+
+    // Refusals only a person can fix: Failed and Degraded, with the reason.
+    cluster.kubectl_apply_stdin(&format!(
+        r#"
+apiVersion: uwsgi.it/v1alpha1
+kind: Container
+metadata: {{name: too-big, namespace: {CUSTOMER_NAMESPACE}}}
+spec: {{server: {EXAMPLE_NODE}, memory: 64000, storage: 1000}}
+---
+apiVersion: uwsgi.it/v1alpha1
+kind: Container
+metadata: {{name: elsewhere, namespace: {CUSTOMER_NAMESPACE}}}
+spec: {{server: {SECOND_NODE}, memory: 100, storage: 1000}}
+---
+apiVersion: uwsgi.it/v1alpha1
+kind: PortMapping
+metadata: {{name: api-port, namespace: {CUSTOMER_NAMESPACE}}}
+spec: {{container: hydra, proto: tcp, publicPort: 6443, privatePort: 8000}}
+---
+apiVersion: uwsgi.it/v1alpha1
+kind: PortMapping
+metadata: {{name: taken, namespace: {CUSTOMER_NAMESPACE}}}
+spec: {{container: hydra, proto: tcp, publicPort: {PUBLIC_PORT}, privatePort: 8001}}
+---
+apiVersion: uwsgi.it/v1alpha1
+kind: PortMapping
+metadata: {{name: for-later, namespace: {CUSTOMER_NAMESPACE}}}
+spec: {{container: not-yet, proto: udp, publicPort: 9001, privatePort: 8000}}
+---
+apiVersion: uwsgi.it/v1alpha1
+kind: Customer
+metadata: {{name: intruder}}
+spec: {{namespace: kube-system, servers: [{SECOND_NODE}]}}
+"#
+    ));
+    for (resource, name, reason) in [
+        ("containers", "too-big", "InsufficientMemory"),
+        ("containers", "elsewhere", "ServerNotOwned"),
+        ("portmappings", "api-port", "ReservedPort"),
+        ("portmappings", "taken", "PortInUse"),
+        ("customers", "intruder", "NamespaceNotCustomers"),
+    ] {
+        cluster
+            .wait_health(resource, name, "Failed", "Degraded", reason)
+            .await;
+    }
+    // Waiting for what the system (or the customer's next apply) brings: in progress.
+    cluster
+        .wait_health(
+            "portmappings",
+            "for-later",
+            "InProgress",
+            "Progressing",
+            "ContainerNotFound",
+        )
+        .await;
+    cluster.apply_example("04-custom-distro-storage.yaml");
+    cluster
+        .wait_health(
+            "customdistros",
+            "ubuntu0001",
+            "InProgress",
+            "Progressing",
+            "Empty",
+        )
+        .await;
+    // The first owner of port 9000 is unaffected.
+    cluster
+        .wait_health("portmappings", "hydra-web", "Current", "Healthy", "")
+        .await;
+
+    // The supplier lowers server-1 under what is reserved: the Server is Failed until fixed.
+    cluster.kubectl(&[
+        "patch",
+        "servers/server-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"memory": 500}}"#,
+    ]);
+    cluster
+        .wait_health(
+            "servers",
+            EXAMPLE_NODE,
+            "Failed",
+            "Degraded",
+            "Overcommitted",
+        )
+        .await;
+    cluster.kubectl(&[
+        "patch",
+        "servers/server-1",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"memory": 16000}}"#,
+    ]);
+    cluster
+        .wait_health("servers", EXAMPLE_NODE, "Current", "Healthy", "")
+        .await;
+}

@@ -17,17 +17,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SLEEP_MARK: &str = "3600.0417";
 
 async fn healthz(address: std::net::SocketAddr) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    let response = request(address, "/healthz").await;
     let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("an HTTP status line");
     (status, response)
+}
+
+/// One HTTP/1.1 GET; the whole response (status line, headers, body).
+async fn request(address: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 fn real(program: &str) -> std::path::PathBuf {
@@ -73,7 +79,7 @@ async fn a_hung_nft_fails_healthz_within_the_bound_and_the_agent_recovers() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(uwsgi_it_telemetry::serve(
         listener,
-        std::sync::Arc::new(Default::default()),
+        agent.registry.clone(),
         agent.ready.clone(),
         agent.health.clone(),
         async {
@@ -81,6 +87,27 @@ async fn a_hung_nft_fails_healthz_within_the_bound_and_the_agent_recovers() {
         },
     ));
     assert_eq!(healthz(address).await.0, 200);
+    // The chart's alerts on what this agent's /metrics says, with a staleness bound this test
+    // can wait for (the chart's default is 300 s).
+    let rules = uwsgi_it_testbed::alerts::chart_rules(&["prometheusRule.agentStaleSeconds=3"])
+        .expect("the chart's alert rules");
+    let mut scrapes = uwsgi_it_testbed::alerts::Scrapes::new().unwrap();
+    async fn scrape(
+        scrapes: &mut uwsgi_it_testbed::alerts::Scrapes,
+        address: std::net::SocketAddr,
+    ) -> std::time::SystemTime {
+        let text = uwsgi_it_testbed::alerts::scrape(address).await.unwrap();
+        scrapes.record("agent", &text).unwrap()
+    }
+    let healthy = scrape(&mut scrapes, address).await;
+    let alerts = scrapes.evaluate(&rules, healthy).unwrap();
+    for alert in ["UwsgiItAgentSyncFailing", "UwsgiItAgentSyncStale"] {
+        assert_eq!(
+            alerts.get(alert),
+            Some(&false),
+            "{alert} on a healthy agent: {alerts:?}"
+        );
+    }
 
     let failures_before = agent.metrics.sync_failures();
     std::fs::write(&flag, "").unwrap();
@@ -107,12 +134,39 @@ async fn a_hung_nft_fails_healthz_within_the_bound_and_the_agent_recovers() {
         "the killed syncs count as failures"
     );
     assert!(agent.is_running(), "a hung tool never stops the agent");
+    // Scraped every half second while the tool hangs: both agent alerts fire.
+    let mut last = healthy;
+    while last.duration_since(healthy).unwrap_or_default() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = scrape(&mut scrapes, address).await;
+    }
+    let alerts = scrapes.evaluate(&rules, last).unwrap();
+    for alert in ["UwsgiItAgentSyncFailing", "UwsgiItAgentSyncStale"] {
+        assert_eq!(
+            alerts.get(alert),
+            Some(&true),
+            "{alert} with a hung nft: {alerts:?}"
+        );
+    }
 
     std::fs::remove_file(&flag).unwrap();
     eventually("/healthz recovers", || async {
         (healthz(address).await.0 == 200).then_some(())
     })
     .await;
+    // Recovered: syncing again, so not stale; the failures stay in the 10-minute window.
+    let recovered = scrape(&mut scrapes, address).await;
+    let alerts = scrapes.evaluate(&rules, recovered).unwrap();
+    assert_eq!(
+        alerts.get("UwsgiItAgentSyncStale"),
+        Some(&false),
+        "{alerts:?}"
+    );
+    assert_eq!(
+        alerts.get("UwsgiItAgentSyncFailing"),
+        Some(&true),
+        "{alerts:?}"
+    );
     let leftovers = std::process::Command::new("pgrep")
         .args(["-f", &format!("sleep {SLEEP_MARK}")])
         .output()

@@ -42,6 +42,17 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.conditions[?(@.type==\"Running\")].status"
     ),
     printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -111,6 +122,14 @@ pub struct ContainerSpec {
     #[serde(default = "default_quota_threshold")]
     #[schemars(range(min = 0, max = 100))]
     pub quota_threshold: i32,
+
+    /// Restart on request, as `kubectl rollout restart` does for a Deployment: setting this to
+    /// a new value (the time of the request, say) replaces the running Pod once; the same
+    /// value again changes nothing. E.g.
+    /// `kubectl patch container web --type merge -p "{\"spec\":{\"restartedAt\":\"$(date -Is)\"}}"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub restarted_at: Option<String>,
 }
 
 fn default_quota_threshold() -> i32 {
@@ -164,6 +183,11 @@ pub struct ContainerStatus {
     /// CustomDistros this container may use (same customer, same server), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub usable_custom_distros: Vec<String>,
+
+    /// Storage the home uses on the server, in MB, as the agent last measured it (a lower
+    /// bound when the walk was cut short; the StorageWithinQuota message says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_used: Option<i64>,
 
     /// The metadata.generation the controller last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     status = "CustomDistroStatus",
     shortname = "ucd",
     category = "uwsgi",
+    doc = "A customer's own root filesystem, kept in a storage container's home and usable by its containers on the same Server.",
     selectable = ".status.server",
     printcolumn(
         name = "Storage",
@@ -37,6 +38,17 @@ use serde::{Deserialize, Serialize};
         name = "Available",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Available\")].status"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     ),
     printcolumn(
         name = "Age",

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
     status = "CustomerStatus",
     shortname = "cust",
     category = "uwsgi",
+    doc = "A customer of the supplier: its namespace, the Servers it owns and the people who may manage its containers.",
     printcolumn(name = "Namespace", type_ = "string", json_path = ".status.namespace"),
     printcolumn(name = "Servers", type_ = "string", json_path = ".spec.servers"),
     printcolumn(name = "Company", type_ = "string", json_path = ".spec.company"),
@@ -21,6 +22,12 @@ use serde::{Deserialize, Serialize};
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     ),
     printcolumn(
         name = "Age",

@@ -14,6 +14,7 @@ pub mod container;
 pub mod custom_distro;
 pub mod customer;
 pub mod port_mapping;
+pub mod readiness;
 pub mod server;
 pub mod well_known;
 

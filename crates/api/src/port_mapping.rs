@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     status = "PortMappingStatus",
     shortname = "upm",
     category = "uwsgi",
+    doc = "A public port of a Server forwarded to a private port of one of the customer's containers.",
     selectable = ".status.server",
     printcolumn(name = "Container", type_ = "string", json_path = ".spec.container"),
     printcolumn(name = "Proto", type_ = "string", json_path = ".spec.proto"),
@@ -32,6 +33,17 @@ use serde::{Deserialize, Serialize};
         name = "Programmed",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Programmed\")].status"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     ),
     printcolumn(
         name = "Age",

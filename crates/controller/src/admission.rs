@@ -552,7 +552,11 @@ pub fn summarise(
         storage: Some(capacity(facts.capacity.storage_mb, storage)),
         address: facts.address.clone(),
         observed_generation: server.metadata.generation,
-        conditions: vec![ready.to_condition(&current.conditions, server.metadata.generation)],
+        conditions: crate::readiness::conditions(
+            &current.conditions,
+            &crate::readiness::own(&ready, uwsgi_it_api::readiness::server_stalled),
+            server.metadata.generation,
+        ),
     }
 }
 

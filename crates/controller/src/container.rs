@@ -738,7 +738,7 @@ async fn write_workload_status(
 ) -> Result<(), Error> {
     let current = container.status.clone().unwrap_or_default();
     let running_same = match &status.running {
-        Some(desired) => desired.matches(&current.conditions),
+        Some(desired) => desired.matches(&current.conditions, container.metadata.generation),
         None => condition::find(&current.conditions, RUNNING).is_none(),
     };
     if running_same && current.ip == status.ip && current.usable_custom_distros == status.usable {

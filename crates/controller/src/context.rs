@@ -20,6 +20,17 @@ use crate::metrics::Metrics;
 use crate::port_mapping::PortState;
 use crate::uids::UidStore;
 
+/// What was applied for a Customer, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerApplied {
+    /// The Customer's generation.
+    pub generation: Option<i64>,
+    /// The servers only it owns (its reader ClusterRole's).
+    pub sole_owned: Vec<String>,
+    /// When.
+    pub at: std::time::Instant,
+}
+
 /// Shared state of the controller's reconcilers.
 pub struct Context {
     /// API client (the controller's own ServiceAccount in a cluster).
@@ -57,9 +68,8 @@ pub struct Context {
     pub uids: UidStore,
     /// Metrics.
     pub metrics: Metrics,
-    /// Customers (by uid) whose namespace and RoleBinding were applied, with the generation
-    /// applied and when.
-    pub customer_applied: Mutex<HashMap<String, (Option<i64>, std::time::Instant)>>,
+    /// Customers (by uid) whose namespace, RoleBinding and reader ClusterRole were applied.
+    pub customer_applied: Mutex<HashMap<String, CustomerApplied>>,
     synced: tokio::sync::watch::Sender<bool>,
     backoff: Mutex<HashMap<String, u32>>,
     server_reasons: Mutex<HashMap<String, String>>,

@@ -152,7 +152,7 @@ async fn write_status(
             .clone()
             .filter(|_| condition.reason == "DeletionBlocked")
     });
-    if condition.matches(&current.conditions)
+    if condition.matches(&current.conditions, distro.metadata.generation)
         && current.server == server
         && current.host_path == host_path
         && current.used_by == used
@@ -172,7 +172,7 @@ async fn write_status(
         body["hostPath"] = json!(path);
     }
     apply_status(&api(ctx, distro), distro, ADMISSION_MANAGER, body).await?;
-    if !condition.matches(&current.conditions) {
+    if !condition.same_verdict(&current.conditions) {
         ctx.publish(
             &distro.object_ref(&()),
             Event {

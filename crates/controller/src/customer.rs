@@ -1,12 +1,13 @@
 //! The Customer reconciler: the customer's namespace, the RoleBinding that lets its users act
-//! there, its per-server usage, and a finalizer that keeps it while it has containers.
+//! there, the ClusterRole that lets them read their Customer and the Servers only they own, its
+//! per-server usage, and a finalizer that keeps it while it has containers.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::RoleBinding;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -101,25 +102,33 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
     }
 
     // A Customer is reconciled on every change of its containers (its usage); its namespace and
-    // RoleBinding depend only on its spec, so they are applied once per generation (and again
-    // after REAPPLY, which repairs drift such as a deleted RoleBinding).
+    // bindings depend only on its spec and on which of its servers other Customers list, so they
+    // are applied when one of those changes (and again after REAPPLY, which repairs drift such
+    // as a deleted RoleBinding).
     let uid = customer.metadata.uid.clone().unwrap_or_default();
+    let servers = sole_owned_servers(&customer, &ctx.customers.state());
     let applied = ctx
         .customer_applied
         .lock()
         .expect("customer applied map")
         .get(&uid)
-        .is_some_and(|(generation, at)| {
-            *generation == customer.metadata.generation && at.elapsed() < REAPPLY
+        .is_some_and(|applied| {
+            applied.generation == customer.metadata.generation
+                && applied.sole_owned == servers
+                && applied.at.elapsed() < REAPPLY
         });
     if !applied {
-        apply_namespace_and_binding(&ctx, &customer, &namespace).await?;
+        apply_namespace_and_binding(&ctx, &customer, &namespace, &servers).await?;
         ctx.customer_applied
             .lock()
             .expect("customer applied map")
             .insert(
                 uid,
-                (customer.metadata.generation, std::time::Instant::now()),
+                crate::context::CustomerApplied {
+                    generation: customer.metadata.generation,
+                    sole_owned: servers,
+                    at: std::time::Instant::now(),
+                },
             );
     }
 
@@ -234,6 +243,7 @@ async fn apply_namespace_and_binding(
     ctx: &Context,
     customer: &Customer,
     namespace: &str,
+    sole_owned: &[String],
 ) -> Result<(), Error> {
     let manager = PatchParams::apply(ADMISSION_MANAGER).force();
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
@@ -287,7 +297,94 @@ async fn apply_namespace_and_binding(
     bindings
         .patch(ROLE_BINDING, &manager, &Patch::Apply(&binding))
         .await?;
+
+    let (role, binding) = reader_objects(customer, sole_owned, &subjects);
+    let name = reader_name(&customer.name_any());
+    Api::<ClusterRole>::all(ctx.client.clone())
+        .patch(&name, &manager, &Patch::Apply(&role))
+        .await?;
+    Api::<ClusterRoleBinding>::all(ctx.client.clone())
+        .patch(&name, &manager, &Patch::Apply(&binding))
+        .await?;
     Ok(())
+}
+
+/// Prefix of the ClusterRole and ClusterRoleBinding of each Customer (see [`reader_name`]).
+pub const READER_PREFIX: &str = "uwsgi-it-customer-";
+
+/// The ClusterRole (and its ClusterRoleBinding) that lets a Customer's users read their own
+/// Customer (its status holds the usage of each of its servers) and the Servers only they own.
+/// Cluster-scoped objects cannot be granted by the namespace's RoleBinding, and a ClusterRole
+/// without `resourceNames` would show every customer's.
+pub fn reader_name(customer: &str) -> String {
+    format!("{READER_PREFIX}{customer}")
+}
+
+/// The servers of `customer` that no other (live) Customer lists: a shared Server's ledger names
+/// the other customers' containers, so only a sole owner may read it (its usage is in the
+/// Customer's own status either way).
+pub fn sole_owned_servers(customer: &Customer, customers: &[Arc<Customer>]) -> Vec<String> {
+    let mut servers: Vec<String> = customer
+        .spec
+        .servers
+        .iter()
+        .filter(|server| {
+            !customers.iter().any(|other| {
+                other.metadata.uid != customer.metadata.uid
+                    && other.metadata.deletion_timestamp.is_none()
+                    && other.spec.servers.contains(server)
+            })
+        })
+        .cloned()
+        .collect();
+    servers.sort();
+    servers.dedup();
+    servers
+}
+
+/// The reader ClusterRole and ClusterRoleBinding of `customer` (owned by it: they go with it).
+pub fn reader_objects(
+    customer: &Customer,
+    servers: &[String],
+    subjects: &[serde_json::Value],
+) -> (serde_json::Value, serde_json::Value) {
+    let name = reader_name(&customer.name_any());
+    let owner = json!([{
+        "apiVersion": "uwsgi.it/v1alpha1",
+        "kind": "Customer",
+        "name": customer.name_any(),
+        "uid": customer.metadata.uid.clone().unwrap_or_default(),
+        "controller": true,
+    }]);
+    let labels = json!({CUSTOMER_LABEL: customer.name_any(), MANAGED_BY.0: MANAGED_BY.1});
+    let mut rules = vec![json!({
+        "apiGroups": ["uwsgi.it"],
+        "resources": ["customers"],
+        "verbs": ["get", "watch"],
+        "resourceNames": [customer.name_any()],
+    })];
+    if !servers.is_empty() {
+        rules.push(json!({
+            "apiGroups": ["uwsgi.it"],
+            "resources": ["servers"],
+            "verbs": ["get", "watch"],
+            "resourceNames": servers,
+        }));
+    }
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": labels, "ownerReferences": owner},
+        "rules": rules,
+    });
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": name, "labels": labels, "ownerReferences": owner},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": subjects,
+    });
+    (role, binding)
 }
 
 /// Usage of every server the customer owns: capacity, everyone's reservations, what is free
@@ -338,7 +435,8 @@ async fn write_status(
 ) -> Result<(), Error> {
     let current = customer.status.clone().unwrap_or_default();
     let servers = usage(ctx, customer, namespace);
-    if ready.matches(&current.conditions)
+    let summary = crate::readiness::own(&ready, uwsgi_it_api::readiness::customer_stalled);
+    if crate::readiness::shows(&current.conditions, &summary, customer.metadata.generation)
         && current.namespace.as_deref() == Some(namespace)
         && current.servers == servers
         && current.observed_generation == customer.metadata.generation
@@ -349,10 +447,10 @@ async fn write_status(
         "namespace": namespace,
         "servers": servers,
         "observedGeneration": customer.metadata.generation,
-        "conditions": [ready.to_condition(&current.conditions, customer.metadata.generation)],
+        "conditions": crate::readiness::conditions(&current.conditions, &summary, customer.metadata.generation),
     });
     apply_status(&api(ctx), customer, ADMISSION_MANAGER, body).await?;
-    if !ready.matches(&current.conditions) {
+    if !ready.same_verdict(&current.conditions) {
         ctx.publish(
             &customer.object_ref(&()),
             Event {

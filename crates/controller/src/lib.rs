@@ -19,6 +19,7 @@ pub mod index;
 pub mod metrics;
 pub mod overlay;
 pub mod port_mapping;
+pub mod readiness;
 pub mod status;
 pub mod uids;
 pub mod workload;
@@ -174,6 +175,7 @@ pub async fn run(
         leadership = Some((leader, task));
     }
 
+    metrics.set_leading();
     let controllers = Controllers::new(client.clone(), &options, metrics);
     let ready = controllers.wait_until_ready(ready_tx);
     tokio::spawn(ready);
@@ -207,10 +209,19 @@ struct Controllers {
     mappings: Controller<PortMapping>,
     distros: Controller<CustomDistro>,
     customers: Controller<Customer>,
+    /// `Ready` and `Stalled` of the kinds whose conditions several writers share.
+    summaries: Summaries,
     /// The shared reflectors: each kind is watched once, whoever reads it.
     watches: Vec<Task>,
     context: Arc<Context>,
     concurrency: u16,
+}
+
+/// The readiness reconcilers (see [`readiness`]), one per summarised kind.
+struct Summaries {
+    containers: Controller<Container>,
+    mappings: Controller<PortMapping>,
+    distros: Controller<CustomDistro>,
 }
 
 /// How many events a slow subscriber of a shared watch may lag behind before the watch waits.
@@ -510,7 +521,25 @@ impl Controllers {
         let customers = {
             let by_container = customer_store.clone();
             let by_server = customer_store.clone();
+            let by_customer = customer_store.clone();
             Controller::for_shared_stream(customer_watch.subscribe(), customer_store.clone())
+                // A Customer listing a server makes it shared: its other owners lose read access
+                // to that Server at once.
+                .watches_shared_stream(customer_watch.subscribe(), move |c| {
+                    by_customer
+                        .state()
+                        .iter()
+                        .filter(|other| other.metadata.uid != c.metadata.uid)
+                        .filter(|other| {
+                            other
+                                .spec
+                                .servers
+                                .iter()
+                                .any(|s| c.spec.servers.contains(s))
+                        })
+                        .map(|other| ObjectRef::from_obj(other.as_ref()))
+                        .collect::<Vec<_>>()
+                })
                 .watches_shared_stream(container_watch.subscribe(), move |c| {
                     let namespace = c.namespace().unwrap_or_default();
                     by_container
@@ -529,6 +558,19 @@ impl Controllers {
                         .map(|cu| ObjectRef::from_obj(cu.as_ref()))
                         .collect::<Vec<_>>()
                 })
+        };
+
+        // Every change of a summarised object, whoever wrote it, may change its summary.
+        let summaries = Summaries {
+            containers: Controller::for_shared_stream(
+                container_watch.subscribe(),
+                container_store.clone(),
+            ),
+            mappings: Controller::for_shared_stream(
+                mapping_watch.subscribe(),
+                mapping_store.clone(),
+            ),
+            distros: Controller::for_shared_stream(distro_watch.subscribe(), distro_store.clone()),
         };
 
         let context = Arc::new(Context::new(
@@ -563,6 +605,7 @@ impl Controllers {
             mappings,
             distros,
             customers,
+            summaries,
             watches: vec![
                 container_watch.run(),
                 mapping_watch.run(),
@@ -610,8 +653,38 @@ impl Controllers {
         let mappings = drive(self.mappings, &config, port_mapping::reconcile, &ctx);
         let distros = drive(self.distros, &config, custom_distro::reconcile, &ctx);
         let customers = drive(self.customers, &customer_config, customer::reconcile, &ctx);
+        // A new object is admitted (or refused) within milliseconds of its creation: a short
+        // debounce makes that one summary write instead of two.
+        let summary_config = config.clone().debounce(Duration::from_millis(500));
+        let summaries = {
+            let s = self.summaries;
+            let config = &summary_config;
+            let containers = drive(
+                s.containers,
+                config,
+                readiness::reconcile::<Container>,
+                &ctx,
+            );
+            let mappings = drive(
+                s.mappings,
+                config,
+                readiness::reconcile::<PortMapping>,
+                &ctx,
+            );
+            let distros = drive(
+                s.distros,
+                config,
+                readiness::reconcile::<CustomDistro>,
+                &ctx,
+            );
+            async move {
+                tokio::join!(containers, mappings, distros);
+            }
+        };
         let watches = futures::future::join_all(self.watches);
-        tokio::join!(servers, containers, mappings, distros, customers, watches);
+        tokio::join!(
+            servers, containers, mappings, distros, customers, summaries, watches
+        );
     }
 }
 

@@ -31,6 +31,7 @@ pub struct Metrics {
     ledger_conflicts: Counter,
     finalizer_writes: Counter,
     admission_failures: Counter,
+    leading: Gauge,
     memory_reserved: Family<ServerLabel, Gauge>,
     storage_reserved: Family<ServerLabel, Gauge>,
     memory_capacity: Family<ServerLabel, Gauge>,
@@ -53,6 +54,7 @@ impl Metrics {
             ledger_conflicts: Counter::default(),
             finalizer_writes: Counter::default(),
             admission_failures: Counter::default(),
+            leading: Gauge::default(),
             memory_reserved: Family::default(),
             storage_reserved: Family::default(),
             memory_capacity: Family::default(),
@@ -81,7 +83,7 @@ impl Metrics {
         );
         registry.register(
             "status_writes",
-            "Ledger commits and admission status writes",
+            "Ledger commits and status writes (admission projections, Ready and Stalled summaries)",
             metrics.status_writes.clone(),
         );
         registry.register(
@@ -98,6 +100,11 @@ impl Metrics {
             "admission_failures",
             "Admissions that could not be completed (no uid could be handed out)",
             metrics.admission_failures.clone(),
+        );
+        registry.register(
+            "leading",
+            "1 while this replica leads (or runs without leader election) and reconciles, else 0",
+            metrics.leading.clone(),
         );
         registry.register(
             "memory_reserved_mb",
@@ -151,7 +158,7 @@ impl Metrics {
         }
     }
 
-    /// Counts an admission status write.
+    /// Counts a status write (a ledger commit, an admission projection, a summary).
     pub fn status_written(&self) {
         self.status_writes.inc();
     }
@@ -164,6 +171,11 @@ impl Metrics {
     /// Counts a Container finalizer write.
     pub fn finalizer_written(&self) {
         self.finalizer_writes.inc();
+    }
+
+    /// Says this replica now leads and reconciles.
+    pub fn set_leading(&self) {
+        self.leading.set(1);
     }
 
     /// Counts an admission that could not be completed.

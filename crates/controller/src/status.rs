@@ -55,8 +55,21 @@ impl Desired {
         if self.status { "True" } else { "False" }
     }
 
-    /// Whether `current` already says the same (ignoring times and generations).
-    pub fn matches(&self, current: &[Condition]) -> bool {
+    /// Whether `current` already says the same, for this `generation` of the object (a
+    /// condition that describes an older generation is written again: `kubectl wait` and
+    /// kstatus read its `observedGeneration`). Times are ignored.
+    pub fn matches(&self, current: &[Condition], generation: Option<i64>) -> bool {
+        condition::find(current, self.type_).is_some_and(|c| {
+            c.status == self.status_text()
+                && c.reason == self.reason
+                && c.message == self.message
+                && c.observed_generation == generation
+        })
+    }
+
+    /// Whether `current` already gives the same verdict, whatever generation it describes:
+    /// an Event is published only when the verdict changes.
+    pub fn same_verdict(&self, current: &[Condition]) -> bool {
         condition::find(current, self.type_).is_some_and(|c| {
             c.status == self.status_text() && c.reason == self.reason && c.message == self.message
         })

@@ -38,6 +38,8 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "uwsgi-it-
 pub const CONTAINER_LABEL: &str = "uwsgi.it/container";
 /// Annotation holding the hash of everything whose change needs a new Pod.
 pub const SPEC_HASH_ANNOTATION: &str = "uwsgi.it/spec-hash";
+/// Annotation of a Pod started for a restart request: the Container's `spec.restartedAt`.
+pub const RESTARTED_AT_ANNOTATION: &str = "uwsgi.it/restarted-at";
 /// Storage class of the operator's pre-bound local volumes (no provisioner).
 pub const STORAGE_CLASS: &str = "uwsgi-it-local";
 
@@ -262,13 +264,21 @@ pub fn build(input: &WorkloadInput<'_>) -> Workload {
         volumes: Some(pod_volumes),
         ..PodSpec::default()
     };
-    let hash = spec_hash(&restart_relevant(&spec));
+    let mut hash = spec_hash(&restart_relevant(&spec));
+    let mut annotations = BTreeMap::new();
+    // A restart the customer asked for: each new value is another hash, so one new Pod. Without
+    // a value the hash is the spec's alone (an upgrade restarts nothing).
+    if let Some(requested) = input.container.spec.restarted_at.as_deref() {
+        hash = fnv1a(format!("{hash}\nrestartedAt={requested}").as_bytes());
+        annotations.insert(RESTARTED_AT_ANNOTATION.to_string(), requested.to_string());
+    }
+    annotations.insert(SPEC_HASH_ANNOTATION.to_string(), hash);
     let pod = Pod {
         metadata: ObjectMeta {
             name: Some(name),
             namespace: Some(namespace),
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), hash)])),
+            annotations: Some(annotations),
             owner_references: owner.map(|o| vec![o]),
             ..ObjectMeta::default()
         },
@@ -604,6 +614,40 @@ mod tests {
             hash(&first),
             hash(&refilled),
             "filling the distro restarts nothing"
+        );
+    }
+
+    #[test]
+    fn each_new_restart_request_is_one_new_pod_and_none_is_the_plain_spec() {
+        let plain =
+            json!({"server": "server-1", "memory": 64, "storage": 100, "distro": "bookworm"});
+        let with = |at: &str| {
+            let mut spec = plain.clone();
+            spec["restartedAt"] = json!(at);
+            container(spec)
+        };
+        let hash = |w: &Workload| {
+            w.pod.metadata.annotations.as_ref().unwrap()[SPEC_HASH_ANNOTATION].clone()
+        };
+        let before = build_for(&container(plain.clone()), Root::Image);
+        let first = build_for(&with("2026-12-02T10:00:00Z"), Root::Image);
+        let again = build_for(&with("2026-12-02T10:00:00Z"), Root::Image);
+        let second = build_for(&with("2026-12-02T10:05:00Z"), Root::Image);
+        assert_ne!(hash(&before), hash(&first), "a request restarts");
+        assert_eq!(
+            hash(&first),
+            hash(&again),
+            "the same request again restarts nothing"
+        );
+        assert_ne!(hash(&first), hash(&second), "a new request restarts again");
+        assert_eq!(
+            first.pod.metadata.annotations.as_ref().unwrap()[RESTARTED_AT_ANNOTATION],
+            "2026-12-02T10:00:00Z"
+        );
+        assert_eq!(
+            before.pod.metadata.annotations.as_ref().unwrap().len(),
+            1,
+            "no request, no annotation: the hash of today's Pods is kept"
         );
     }
 

@@ -821,3 +821,280 @@ async fn a_namespace_belongs_to_the_first_customer_and_never_to_one_that_is_not_
             .is_none()
     );
 }
+
+/// Retries `read` until it succeeds, for a grant the controller has just written (RBAC reaches
+/// the authorizer shortly after).
+async fn eventually_allowed<T, F, Fut>(what: &str, read: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match read().await {
+            Ok(value) => return value,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("{what}: still refused after {WAIT:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Retries until `read` is refused with 403, for a grant the controller has just withdrawn.
+async fn eventually_forbidden<T: std::fmt::Debug, F, Fut>(what: &str, read: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match read().await {
+            Err(kube::Error::Api(status)) if status.code == 403 => return,
+            other if std::time::Instant::now() > deadline => {
+                panic!("{what}: expected 403 within {WAIT:?}, got {other:?}")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_customer_reads_its_own_customer_and_the_servers_only_it_owns_and_nothing_else() {
+    let plane = plane_and_controller().await;
+    let admin = plane.client().await.unwrap();
+    for (name, address) in [
+        ("reader-1", "203.0.113.31"),
+        ("reader-2", "203.0.113.32"),
+        ("reader-3", "203.0.113.33"),
+    ] {
+        server_node(&admin, name, 4000, 100000, address).await;
+    }
+    // erin as a person (impersonated) and as a ServiceAccount with a real token.
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(admin.clone(), "default");
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "erin-robot"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let robot = "system:serviceaccount:default:erin-robot";
+    // reader-2 is shared with another customer: its ledger names that customer's containers.
+    customer(
+        &admin,
+        "reader",
+        &["reader-1", "reader-2"],
+        &["erin", robot],
+    )
+    .await;
+    customer(
+        &admin,
+        "other-reader",
+        &["reader-2", "reader-3"],
+        &["frank"],
+    )
+    .await;
+    let erin = plane.client_as("erin", &[]).await.unwrap();
+    let erin_token = plane
+        .service_account_client("default", "erin-robot")
+        .await
+        .unwrap();
+
+    for (who, client) in [("erin", &erin), ("erin's token", &erin_token)] {
+        let customers: Api<Customer> = Api::all(client.clone());
+        let servers: Api<uwsgi_it_api::Server> = Api::all(client.clone());
+        let own = eventually_allowed(&format!("{who} reading Customer reader"), || {
+            customers.get("reader")
+        })
+        .await;
+        let usage = own.status.expect("the Customer's status").servers;
+        assert_eq!(
+            usage.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+            ["reader-1", "reader-2"],
+            "{who} sees the usage of every server of hers"
+        );
+        let sole = eventually_allowed(&format!("{who} reading Server reader-1"), || {
+            servers.get("reader-1")
+        })
+        .await;
+        assert_eq!(sole.spec.memory, 4000);
+        assert!(sole.status.is_some(), "with its usage");
+        assert_forbidden(
+            &format!("{who} reading another Customer"),
+            customers.get("other-reader").await,
+        );
+        assert_forbidden(
+            &format!("{who} reading a Server shared with another customer"),
+            servers.get("reader-2").await,
+        );
+        assert_forbidden(
+            &format!("{who} reading another customer's Server"),
+            servers.get("reader-3").await,
+        );
+        assert_forbidden(
+            &format!("{who} listing Customers"),
+            customers.list(&Default::default()).await,
+        );
+        assert_forbidden(
+            &format!("{who} listing Servers"),
+            servers.list(&Default::default()).await,
+        );
+        assert_forbidden(
+            &format!("{who} changing her Customer"),
+            customers
+                .patch(
+                    "reader",
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"spec": {"servers": ["reader-1", "reader-2", "reader-3"]}}),
+                    ),
+                )
+                .await,
+        );
+    }
+
+    // The other customer leaves reader-2: erin owns it alone and may read it; it joins again:
+    // erin loses it.
+    let customers: Api<Customer> = Api::all(admin.clone());
+    let set_servers = |servers: serde_json::Value| {
+        let customers = customers.clone();
+        async move {
+            customers
+                .patch(
+                    "other-reader",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"servers": servers}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let erin_servers: Api<uwsgi_it_api::Server> = Api::all(erin.clone());
+    set_servers(json!(["reader-3"])).await;
+    eventually_allowed("erin reading reader-2 once she owns it alone", || {
+        erin_servers.get("reader-2")
+    })
+    .await;
+    set_servers(json!(["reader-2", "reader-3"])).await;
+    eventually_forbidden("erin reading reader-2 once it is shared again", || {
+        erin_servers.get("reader-2")
+    })
+    .await;
+
+    // Deleting the Customer takes its readers with it (owner references).
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    let role = roles.get("uwsgi-it-customer-reader").await.unwrap();
+    assert_eq!(
+        role.metadata.owner_references.unwrap()[0].name,
+        "reader",
+        "owned by its Customer"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_the_customer_asks_for_replaces_the_pod_exactly_once() {
+    let plane = plane_and_controller().await;
+    let admin = plane.client().await.unwrap();
+    server_node(&admin, "restart-1", 4000, 100000, "203.0.113.34").await;
+    customer(&admin, "restarter", &["restart-1"], &["gina"]).await;
+    let gina = plane.client_as("gina", &[]).await.unwrap();
+    let containers: Api<Container> = Api::namespaced(gina.clone(), "restarter");
+    let app = container(
+        "app",
+        json!({"server": "restart-1", "memory": 128, "storage": 1000, "distro": "bookworm"}),
+    );
+    let params = PostParams::default();
+    eventually_allowed("gina creating her Container", || {
+        containers.create(&params, &app)
+    })
+    .await;
+    let admin_containers: Api<Container> = Api::namespaced(admin.clone(), "restarter");
+    wait_for(&admin_containers, "app", admitted).await;
+    report_home(&admin_containers, "app", "HomeReady", true).await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "restarter");
+    let first = wait_for(&pods, "app", |p: &Pod| {
+        p.metadata.deletion_timestamp.is_none()
+    })
+    .await;
+    let first_uid = first.uid().unwrap();
+
+    let restart = |value: &'static str| {
+        let containers = containers.clone();
+        async move {
+            containers
+                .patch(
+                    "app",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"restartedAt": value}})),
+                )
+                .await
+                .expect("gina may ask for a restart")
+        }
+    };
+    // What a kubelet does with a Pod being deleted (there is none in this tier): it finishes
+    // the deletion once the Pod stopped.
+    let kubelet_finishes = |uid: String| {
+        let pods = pods.clone();
+        async move {
+            let terminating = wait_for(&pods, "app", |p: &Pod| {
+                p.uid().as_deref() != Some(uid.as_str()) || p.metadata.deletion_timestamp.is_some()
+            })
+            .await;
+            if terminating.uid().as_deref() == Some(uid.as_str()) {
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(kube::api::Preconditions {
+                        uid: Some(uid),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                let _ = pods.delete("app", &params).await;
+            }
+        }
+    };
+    restart("2026-12-02T10:00:00Z").await;
+    kubelet_finishes(first_uid.clone()).await;
+    let second = wait_for(&pods, "app", |p: &Pod| {
+        p.uid().as_deref() != Some(first_uid.as_str()) && p.metadata.deletion_timestamp.is_none()
+    })
+    .await;
+    let second_uid = second.uid().unwrap();
+    assert_eq!(
+        second.annotations()["uwsgi.it/restarted-at"],
+        "2026-12-02T10:00:00Z"
+    );
+    // The same request again, and edits that restart nothing: the Pod stays.
+    restart("2026-12-02T10:00:00Z").await;
+    containers
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"note": "still the same Pod", "tags": ["x"]}})),
+        )
+        .await
+        .unwrap();
+    let edited = wait_for(&admin_containers, "app", |c: &Container| {
+        c.status.as_ref().is_some_and(|s| {
+            condition::find(&s.conditions, RUNNING)
+                .is_some_and(|r| r.observed_generation == c.metadata.generation)
+        })
+    })
+    .await;
+    assert_eq!(edited.metadata.generation, Some(3));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        pods.get("app").await.unwrap().uid().as_deref(),
+        Some(second_uid.as_str()),
+        "one request, one new Pod"
+    );
+    // A new request: one more Pod.
+    restart("2026-12-02T10:05:00Z").await;
+    kubelet_finishes(second_uid.clone()).await;
+    wait_for(&pods, "app", |p: &Pod| {
+        p.uid().as_deref() != Some(second_uid.as_str()) && p.metadata.deletion_timestamp.is_none()
+    })
+    .await;
+}

@@ -196,6 +196,32 @@ impl RealCluster {
         Ok(())
     }
 
+    /// `helm test` of a release: the chart's check Pod must pass (its log is in the error).
+    pub fn test_chart(&self, release: &str, namespace: &str) -> Result<String> {
+        let output = Command::new(helm()?)
+            .args([
+                "test",
+                release,
+                "--namespace",
+                namespace,
+                "--timeout",
+                "3m",
+                "--logs",
+            ])
+            .arg(format!("--kubeconfig={}", self.env("KUBECONFIG")))
+            .output()
+            .context("running helm test")?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "helm test failed: {}
+{stdout}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(stdout)
+    }
+
     /// Pods anywhere in the cluster that are in CrashLoopBackOff or whose containers restarted
     /// at all (a restart between two looks is seen too), as `namespace/name restarts reasons`.
     pub fn crash_looping_pods(&self) -> Result<Vec<String>> {

@@ -103,6 +103,8 @@ pub struct AgentHandle {
     pub ready: watch::Receiver<bool>,
     /// What the agent's `/healthz` answers.
     pub health: uwsgi_it_telemetry::Health,
+    /// What the agent's `/metrics` serves.
+    pub registry: Arc<uwsgi_it_telemetry::prometheus_client::registry::Registry>,
 }
 
 impl AgentHandle {
@@ -338,6 +340,7 @@ pub fn start_agent(client: Client, node: &SimNode, config: OperatorConfig) -> Ag
     let metrics = agent.metrics();
     let ready = agent.ready();
     let health = agent.health();
+    let registry = agent.registry();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async move {
         let _ = stopped.await;
@@ -348,6 +351,7 @@ pub fn start_agent(client: Client, node: &SimNode, config: OperatorConfig) -> Ag
         metrics,
         ready,
         health,
+        registry,
     }
 }
 

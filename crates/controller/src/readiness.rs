@@ -1,0 +1,157 @@
+//! `Ready` and `Stalled` of Containers, PortMappings and CustomDistros.
+//!
+//! Their conditions come from several writers (the admission pass, the workload reconciler, the
+//! port pass, the agent on the object's server); the summary of them all has one writer: this
+//! reconciler, under a field manager of its own, run on every change of the object. It reads
+//! the object as cached, decides with the pure [`uwsgi_it_api::readiness`] rules, and writes only
+//! when the summary changed: a write of any other condition brings the object back here, so the
+//! summary follows within one watch event.
+//!
+//! Servers and Customers write their own `Ready` (and `Stalled`) where they decide it.
+
+use std::sync::Arc;
+
+use kube::api::Api;
+use kube::core::NamespaceResourceScope;
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use uwsgi_it_api::condition::{self, Condition, READY};
+use uwsgi_it_api::readiness::{STALLED, Summarised, Summary, Verdict};
+
+use crate::Error;
+use crate::context::Context;
+use crate::status::{Desired, apply_status};
+
+/// Field manager of `Ready` and `Stalled` on Containers, PortMappings and CustomDistros.
+pub const READINESS_MANAGER: &str = "uwsgi-it-controller-readiness";
+
+/// Reconciles the summary of one object.
+pub async fn reconcile<K>(object: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error>
+where
+    K: Summarised
+        + Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let _timer = ctx.metrics.reconcile_started("readiness");
+    let summary = object.summary();
+    let generation = object.meta().generation;
+    if shows(object.conditions(), &summary, generation) {
+        return Ok(Action::await_change());
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
+    let body = json!({"conditions": conditions(object.conditions(), &summary, generation)});
+    match apply_status(&api, object.as_ref(), READINESS_MANAGER, body).await {
+        Ok(_) => {}
+        // Deleted in between: nothing left to summarise.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+        Err(e) => return Err(e.into()),
+    }
+    ctx.metrics.status_written();
+    Ok(Action::await_change())
+}
+
+/// Whether `current` already says what `summary` says, for this generation.
+pub fn shows(current: &[Condition], summary: &Summary, generation: Option<i64>) -> bool {
+    desired(READY, &summary.ready).matches(current, generation)
+        && match &summary.stalled {
+            Some(stalled) => desired(STALLED, stalled).matches(current, generation),
+            None => condition::find(current, STALLED).is_none(),
+        }
+}
+
+/// The conditions this manager owns: `Ready`, and `Stalled` only while stalled (an apply that
+/// leaves it out removes it).
+pub fn conditions(
+    current: &[Condition],
+    summary: &Summary,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let mut conditions = vec![desired(READY, &summary.ready).to_condition(current, generation)];
+    if let Some(stalled) = &summary.stalled {
+        conditions.push(desired(STALLED, stalled).to_condition(current, generation));
+    }
+    conditions
+}
+
+/// The summary of a kind that decides its own `Ready` (Servers, Customers): that `Ready`, and
+/// `Stalled` when its reason is one only a person can fix.
+pub fn own(ready: &Desired, stalled: fn(&Verdict) -> Option<Verdict>) -> Summary {
+    let ready = Verdict {
+        status: ready.status,
+        reason: ready.reason.clone(),
+        message: ready.message.clone(),
+    };
+    // kstatus and Argo CD show only the message of `Stalled`: it names the reason.
+    let stalled = stalled(&ready).map(|s| Verdict {
+        message: format!("{}: {}", s.reason, s.message),
+        ..s
+    });
+    Summary { stalled, ready }
+}
+
+fn desired(type_: &'static str, verdict: &Verdict) -> Desired {
+    Desired {
+        type_,
+        status: verdict.status,
+        reason: verdict.reason.clone(),
+        message: verdict.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn summary(ready: bool, stalled: bool) -> Summary {
+        let verdict = |status| Verdict {
+            status,
+            reason: "R".into(),
+            message: "m".into(),
+        };
+        Summary {
+            ready: verdict(ready),
+            stalled: stalled.then(|| verdict(true)),
+        }
+    }
+
+    #[test]
+    fn written_conditions_are_shown_and_a_new_generation_is_not() {
+        let s = summary(false, true);
+        let written = conditions(&[], &s, Some(3));
+        assert_eq!(written.len(), 2);
+        assert!(shows(&written, &s, Some(3)));
+        assert!(
+            !shows(&written, &s, Some(4)),
+            "a new generation is written again"
+        );
+    }
+
+    #[test]
+    fn a_stall_that_ended_is_removed() {
+        let stalled = conditions(&[], &summary(false, true), Some(1));
+        let fine = summary(true, false);
+        assert!(!shows(&stalled, &fine, Some(1)));
+        let written = conditions(&stalled, &fine, Some(1));
+        assert!(written.iter().all(|c| c.type_ != STALLED), "{written:?}");
+    }
+
+    #[test]
+    fn the_transition_time_stays_while_the_status_does() {
+        let mut first = conditions(&[], &summary(false, false), Some(1));
+        first[0].last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut other_reason = summary(false, false);
+        other_reason.ready.reason = "Other".into();
+        let second = conditions(&first, &other_reason, Some(1));
+        assert_eq!(
+            second[0].last_transition_time,
+            first[0].last_transition_time
+        );
+    }
+}
