@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
@@ -209,8 +209,30 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
         let Some(server) = api.get_opt(name).await? else {
             return Ok(None);
         };
-        let resolved = resolve(ctx, server).await?;
-        let mut plan = decide(ctx, &resolved, &allocated);
+        let mut resolved = resolve(ctx, server).await?;
+        // A container granted a reservation it does not hold is read from the API first, after
+        // the Server: a cache that lags (a frozen or slow replica) may show it alive and without
+        // a uid when another controller admitted it, and it was deleted and released since; a
+        // grant from that view would give it a second identity. Reads of this revision only: a
+        // conflict reads again.
+        let mut fresh: HashMap<String, Option<Arc<Container>>> = HashMap::new();
+        let mut plan = loop {
+            let plan = decide(ctx, &resolved, &allocated);
+            let unverified: Vec<Arc<Container>> = new_grants(&resolved, &plan)
+                .filter(|uid| !fresh.contains_key(*uid))
+                .filter_map(|uid| resolved.containers.get(uid).cloned())
+                .collect();
+            if unverified.is_empty() {
+                break plan;
+            }
+            for (uid, current) in read_fresh(ctx, &unverified).await? {
+                match &current {
+                    Some(container) => resolved.containers.insert(uid.clone(), container.clone()),
+                    None => resolved.containers.remove(&uid),
+                };
+                fresh.insert(uid, current);
+            }
+        };
         if !plan.needing.is_empty() {
             allocate(ctx, &resolved, &mut plan, &mut allocated).await?;
         }
@@ -241,6 +263,55 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// The containers (by object uid) the plan reserves for that the ledger has no entry for.
+fn new_grants<'a>(resolved: &'a Resolved, plan: &'a Plan) -> impl Iterator<Item = &'a String> {
+    let held: HashSet<&str> = resolved
+        .server
+        .ledger()
+        .iter()
+        .map(|e| e.object_uid.as_str())
+        .collect();
+    let by_key: HashMap<&ObjectKey, &String> = plan.keys.iter().map(|(u, k)| (k, u)).collect();
+    plan.admission
+        .decisions
+        .iter()
+        .filter(|d| d.reserved.is_some())
+        .filter_map(move |d| by_key.get(&d.key).copied())
+        .filter(move |uid| !held.contains(uid.as_str()))
+}
+
+/// The containers as the API has them now (`None`: gone, or another object of that name).
+async fn read_fresh(
+    ctx: &Context,
+    containers: &[Arc<Container>],
+) -> Result<Vec<(String, Option<Arc<Container>>)>, Error> {
+    let reads: Vec<_> = containers
+        .iter()
+        .map(|cached| {
+            let cached = Arc::clone(cached);
+            let client = ctx.client.clone();
+            async move {
+                let uid = object_uid(&cached);
+                let api: Api<Container> =
+                    Api::namespaced(client, &cached.namespace().unwrap_or_default());
+                let current = api
+                    .get_opt(&cached.name_any())
+                    .await?
+                    .filter(|c| c.metadata.uid == cached.metadata.uid)
+                    .map(|mut c| {
+                        c.metadata.managed_fields = None;
+                        Arc::new(c)
+                    });
+                Ok::<_, Error>((uid, current))
+            }
+        })
+        .collect();
+    stream::iter(reads)
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .try_collect()
+        .await
 }
 
 /// Reads what the decision needs besides the Server: its Node, its containers (from the index;

@@ -256,3 +256,97 @@ async fn a_stale_relist_neither_strips_a_reservation_nor_oversells() {
     assert_eq!(names, ["newcomer", "running"]);
     assert!(reserved_memory(&server) <= 1000);
 }
+
+/// What another controller does to release a container: its entry out of the ledger (compare-
+/// and-swap), then its finalizer off.
+async fn release_as_the_other_controller(client: &Client, server: &str, container: &Container) {
+    let servers: Api<Server> = Api::all(client.clone());
+    let object = container.metadata.uid.clone().unwrap();
+    loop {
+        let mut current = servers.get(server).await.unwrap();
+        let mut status = current.status.clone().unwrap_or_default();
+        status.ledger.retain(|e| e.object_uid != object);
+        current.status = Some(status);
+        match servers
+            .replace_status(server, &PostParams::default(), &current)
+            .await
+        {
+            Ok(_) => break,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => panic!("the other controller's release: {e}"),
+        }
+    }
+    let containers: Api<Container> =
+        Api::namespaced(client.clone(), &container.namespace().unwrap());
+    match containers
+        .patch(
+            &container.name_any(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("the other controller's finalizer removal: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_container_released_by_another_controller_is_never_granted_again_from_a_stale_cache() {
+    let _serial = SERIAL.lock().await;
+    let (proxy, client) = setup("race-ghost", 1000).await;
+    let containers = customer_for(&client, "race-ghost", "race-ghost").await;
+    let watch_path = "/apis/uwsgi.it/v1alpha1/containers";
+    let commits = status_path("race-ghost");
+
+    // This controller sees `ghost` (with its finalizer) and decides to grant it; the commit is
+    // held on the way.
+    proxy.hold(Rule::new(http::Method::PUT, commits.clone()));
+    create(&containers, "ghost", "race-ghost", 300).await;
+    tokio::time::timeout(Duration::from_secs(30), proxy.wait_held(1))
+        .await
+        .expect("the controller's grant never reached the proxy");
+
+    // Another controller admits `ghost` first. From now on this controller hears nothing of the
+    // containers (its watch is held): its cache shows `ghost` alive and without a uid while
+    // `ghost` is deleted and the other controller releases it.
+    let ghost = containers.get("ghost").await.unwrap();
+    grant_as_the_other_controller(&client, "race-ghost", &ghost, 50_003).await;
+    proxy.hold(Rule::new(http::Method::GET, watch_path));
+    proxy.reset_watches();
+    tokio::time::timeout(Duration::from_secs(30), proxy.wait_held(2))
+        .await
+        .expect("the controller never watched the containers again");
+    containers
+        .delete("ghost", &DeleteParams::default())
+        .await
+        .unwrap();
+    release_as_the_other_controller(&client, "race-ghost", &ghost).await;
+    wait_gone(&containers, "ghost").await;
+
+    // The held grant goes now and fails (the Server changed); the pass decides again on the
+    // new revision, with the stale cache.
+    let reads_before = proxy.reads().len();
+    proxy.release_path(&commits);
+    let servers: Api<Server> = Api::all(client.clone());
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let server = servers.get("race-ghost").await.unwrap();
+        assert!(
+            server.ledger().iter().all(|e| e.name != "ghost"),
+            "a released container was granted again from a stale cache: {:?}",
+            server.ledger()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reads: Vec<String> = proxy.reads()[reads_before..].to_vec();
+    proxy.release();
+    // It did decide again: it read `ghost` from the API before granting it anything.
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.contains("/namespaces/race-ghost/containers/ghost")),
+        "no pass looked at the stale ghost: {reads:?}"
+    );
+}

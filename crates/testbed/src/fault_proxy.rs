@@ -52,7 +52,7 @@ impl Rule {
 
 #[derive(Default)]
 struct State {
-    hold: Mutex<Option<Rule>>,
+    hold: Mutex<Vec<Rule>>,
     held: Mutex<usize>,
     held_changed: Notify,
     released: Notify,
@@ -63,6 +63,7 @@ struct State {
     expire: Mutex<Option<String>>,
     stale_served: Mutex<usize>,
     writes: Mutex<Vec<String>>,
+    reads: Mutex<Vec<String>>,
 }
 
 /// A running proxy; stops when dropped.
@@ -148,12 +149,13 @@ impl FaultProxy {
         Ok(kube::Config::new(url))
     }
 
-    /// Holds every request matching `rule` from now on, until [`FaultProxy::release`].
+    /// Holds every request matching `rule` from now on (besides those already held), until
+    /// [`FaultProxy::release`] or [`FaultProxy::release_path`].
     pub fn hold(&self, rule: Rule) {
-        *self.state.hold.lock().unwrap() = Some(rule);
+        self.state.hold.lock().unwrap().push(rule);
     }
 
-    /// Waits until at least `count` requests are being held.
+    /// Waits until at least `count` requests were held (in all, since the proxy started).
     pub async fn wait_held(&self, count: usize) {
         loop {
             let changed = self.state.held_changed.notified();
@@ -164,9 +166,20 @@ impl FaultProxy {
         }
     }
 
-    /// Lets the held requests through (in no particular order) and holds nothing more.
+    /// Lets every held request through (in no particular order) and holds nothing more.
     pub fn release(&self) {
-        *self.state.hold.lock().unwrap() = None;
+        self.state.hold.lock().unwrap().clear();
+        self.state.released.notify_waiters();
+    }
+
+    /// Stops holding the requests of the rules on `path` and lets those through; the others
+    /// stay held.
+    pub fn release_path(&self, path: &str) {
+        self.state
+            .hold
+            .lock()
+            .unwrap()
+            .retain(|rule| rule.path != path);
         self.state.released.notify_waiters();
     }
 
@@ -212,6 +225,11 @@ impl FaultProxy {
     /// The writes (method and path) that went through so far.
     pub fn writes(&self) -> Vec<String> {
         self.state.writes.lock().unwrap().clone()
+    }
+
+    /// The reads of one object or list (path and query; not watches) that went through so far.
+    pub fn reads(&self) -> Vec<String> {
+        self.state.reads.lock().unwrap().clone()
     }
 }
 
@@ -281,18 +299,25 @@ async fn forward(
         }
     }
 
-    // Held writes wait for the release.
-    let held = state
-        .hold
-        .lock()
-        .unwrap()
-        .as_ref()
-        .is_some_and(|rule| rule.matches(&request));
-    if held {
-        let released = state.released.notified();
+    // Held requests wait until no rule holds them any more.
+    let holds = |state: &State| {
+        state
+            .hold
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|rule| rule.matches(&request))
+    };
+    if holds(&state) {
         *state.held.lock().unwrap() += 1;
         state.held_changed.notify_waiters();
-        released.await;
+        loop {
+            let released = state.released.notified();
+            if !holds(&state) {
+                break;
+            }
+            released.await;
+        }
     }
     let lose = {
         let mut lose = state.lose.lock().unwrap();
@@ -325,6 +350,8 @@ async fn forward(
             .lock()
             .unwrap()
             .push(format!("{method} {path_and_query}"));
+    } else if method == http::Method::GET && !is_watch {
+        state.reads.lock().unwrap().push(path_and_query.to_string());
     }
     let response = match upstream.send(upstream_request).await {
         Ok(response) => response,
