@@ -331,7 +331,6 @@ fn projection(i: usize, servers: usize, fit: usize, generation: i64) -> serde_js
     let uid = 30001 + i as i64;
     let mut status = json!({
         "uid": uid,
-        "observedGeneration": generation,
         "conditions": [{
             "type": ADMITTED,
             "status": if admitted { "True" } else { "False" },
@@ -400,10 +399,8 @@ type Decision = (String, String, Option<String>, Option<i64>);
 
 fn decision(container: &Container) -> Option<Decision> {
     let status = container.status.as_ref()?;
-    if status.observed_generation != container.metadata.generation {
-        return None;
-    }
-    let admitted = condition::find(&status.conditions, ADMITTED)?;
+    let admitted = condition::find(&status.conditions, ADMITTED)
+        .filter(|c| c.observed_generation == container.metadata.generation)?;
     Some((
         admitted.status.clone(),
         admitted.reason.clone(),

@@ -1759,15 +1759,36 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
     let roles: Api<ClusterRole> = Api::all(controller.clone());
     let reader = format!("uwsgi-it-customer-vap-{suffix}");
     let role = |name: &str, rules: serde_json::Value| -> ClusterRole {
-        serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules})).unwrap()
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {"uwsgi.it/customer": "x"}}, "rules": rules})).unwrap()
     };
-    let reads = json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get", "watch"], "resourceNames": ["acme"]}]);
+    let reads = json!([
+        {"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get", "watch"], "resourceNames": [format!("vap-{suffix}")]},
+        {"apiGroups": ["uwsgi.it"], "resources": ["servers"], "verbs": ["get", "watch"], "resourceNames": ["s1"]},
+    ]);
     roles
         .create(&PostParams::default(), &role(&reader, reads.clone()))
         .await
         .expect("the controller writes a customer's reader ClusterRole");
+    let mut aggregated = role(
+        &format!("uwsgi-it-customer-agg-{suffix}"),
+        json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get"], "resourceNames": [format!("agg-{suffix}")]}]),
+    );
+    aggregated.metadata.labels.get_or_insert_default().insert(
+        "rbac.authorization.k8s.io/aggregate-to-view".into(),
+        "true".into(),
+    );
+    let message = denied(
+        "the controller writing a reader ClusterRole that aggregates into view",
+        roles.create(&PostParams::default(), &aggregated).await,
+    );
+    assert!(message.contains("aggregate-to-*"), "{message}");
     for (what, name, rules) in [
         ("another name", format!("admin-{suffix}"), reads.clone()),
+        (
+            "another Customer",
+            format!("uwsgi-it-customer-other-{suffix}"),
+            json!([{"apiGroups": ["uwsgi.it"], "resources": ["customers"], "verbs": ["get"], "resourceNames": [format!("vap-{suffix}")]}]),
+        ),
         (
             "every Customer",
             format!("uwsgi-it-customer-all-{suffix}"),
@@ -1822,6 +1843,35 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
         message.contains("bind only the ClusterRole of their own name"),
         "{message}"
     );
+    for (what, subject) in [
+        (
+            "every authenticated user",
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}),
+        ),
+        (
+            "anonymous requests",
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:anonymous"}),
+        ),
+        (
+            "a ServiceAccount",
+            json!({"kind": "ServiceAccount", "name": "default", "namespace": "kube-system"}),
+        ),
+    ] {
+        let message = denied(
+            &format!("the controller binding a reader to {what}"),
+            bindings
+                .patch(
+                    &reader,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"subjects": [subject]})),
+                )
+                .await,
+        );
+        assert!(
+            message.contains("binds only a Customer's users and groups"),
+            "{what}: {message}"
+        );
+    }
     let _ = bindings.delete(&reader, &DeleteParams::default()).await;
     let _ = roles.delete(&reader, &DeleteParams::default()).await;
 
@@ -1830,4 +1880,80 @@ async fn admission_policies_bind_the_agent_to_its_node_and_the_controller_to_cus
     for node in [&node_a, &node_b] {
         let _ = nodes.delete(node, &DeleteParams::default()).await;
     }
+}
+
+/// The pre-upgrade hook that keeps the CRDs current: it carries this chart's crds/ exactly, runs
+/// the operator image's `crds --apply` on them, has rights on the operator's CRDs only (and the
+/// create a new CRD needs), and exists only while it runs.
+#[test]
+fn the_upgrade_hook_applies_this_charts_crds() {
+    let manifests = Manifests::render(&[]);
+    let name = "rel-crd-upgrade";
+    let configmap = manifests.get("ConfigMap", name);
+    let mut shipped = BTreeSet::new();
+    for entry in std::fs::read_dir(chart_dir().join("crds")).unwrap() {
+        let entry = entry.unwrap();
+        let file = entry.file_name().into_string().unwrap();
+        assert_eq!(
+            configmap["data"][&file].as_str(),
+            Some(std::fs::read_to_string(entry.path()).unwrap().as_str()),
+            "{file} is carried as it is"
+        );
+        shipped.insert(file);
+    }
+    assert_eq!(shipped.len(), 5);
+    let job = manifests.get("Job", name);
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], name);
+    assert_eq!(
+        strings(&pod["containers"][0]["args"]),
+        ["crds", "--apply=/crds", "--timeout-seconds=120"]
+    );
+    assert_eq!(
+        pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"],
+        true
+    );
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Job",
+    ] {
+        let object = manifests.get(kind, name);
+        let annotations = &object["metadata"]["annotations"];
+        assert_eq!(
+            annotations["helm.sh/hook"], "pre-upgrade",
+            "{kind}"
+        );
+        assert_eq!(
+            annotations["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded",
+            "{kind}"
+        );
+    }
+    let role = manifests.get("ClusterRole", name);
+    let mut names = rule_names(
+        role,
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        "update",
+    )
+    .expect("update by name");
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "containers.uwsgi.it",
+            "customdistros.uwsgi.it",
+            "customers.uwsgi.it",
+            "portmappings.uwsgi.it",
+            "servers.uwsgi.it"
+        ]
+    );
+    assert!(
+        Manifests::render(&["--set", "crdUpgrade.enabled=false"])
+            .find("Job", name)
+            .is_none(),
+        "crdUpgrade.enabled=false renders no hook"
+    );
 }

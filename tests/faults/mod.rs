@@ -422,8 +422,8 @@ pub fn container(name: &str, server: &str, memory: u64, storage: u64) -> Contain
 /// True once the controller decided the container's current generation.
 pub fn decided(container: &Container) -> bool {
     container.status.as_ref().is_some_and(|s| {
-        uwsgi_it_api::condition::find(&s.conditions, uwsgi_it_api::condition::ADMITTED).is_some()
-            && s.observed_generation == container.metadata.generation
+        uwsgi_it_api::condition::find(&s.conditions, uwsgi_it_api::condition::ADMITTED)
+            .is_some_and(|c| c.observed_generation == container.metadata.generation)
     })
 }
 

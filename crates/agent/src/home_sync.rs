@@ -46,14 +46,24 @@ const OWNED: &[&str] = &[HOME_READY, KEYS_READY, STORAGE_WITHIN_QUOTA];
 
 const MIB: u64 = 1024 * 1024;
 
+/// One walk of a home: the limits it was judged against and what it found (`None`: the walk
+/// failed; the previous condition stands until the next resync).
+#[derive(Clone)]
+struct Measurement {
+    /// `spec.storage` and `spec.quotaThreshold` at the time.
+    limits: (i64, i32),
+    found: Option<(DesiredCondition, i64)>,
+}
+
 /// What the loop remembers between passes, by uid.
 #[derive(Default)]
 struct HomesState {
     /// The spec each home was last made to match.
     ensured: HashMap<u32, HomeSpec>,
-    /// Homes measured since start, with the Container generation measured for (storage and
-    /// quotaThreshold are in the spec); the others are measured on the next pass.
-    measured: HashMap<u32, Option<i64>>,
+    /// The last walk of each home since start; a home without one, or measured for other
+    /// limits, is walked on the next pass. Other edits (tags, a note, keys) write the last
+    /// result again for the new generation instead of walking the home again.
+    measured: HashMap<u32, Measurement>,
     /// What releasing a home said, kept until the controller lets the Container go, so a
     /// failed status write is retried with the real outcome (a second archive finds nothing).
     released: HashMap<u32, DesiredCondition>,
@@ -179,9 +189,19 @@ async fn ensure(
         condition::find(conditions, type_)
             .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
     });
-    let measured = state.measured.get(&uid) == Some(&generation);
+    let limits = (container.spec.storage, container.spec.quota_threshold);
+    let last = state
+        .measured
+        .get(&uid)
+        .filter(|m| m.limits == limits)
+        .cloned();
+    let quota_reported = last.as_ref().is_some_and(|m| {
+        m.found.is_none()
+            || condition::find(conditions, STORAGE_WITHIN_QUOTA)
+                .is_some_and(|c| c.observed_generation == generation)
+    });
     let up_to_date = state.ensured.get(&uid) == Some(&spec) && reported_ready;
-    if up_to_date && !full && measured {
+    if up_to_date && !full && quota_reported {
         return true;
     }
 
@@ -234,9 +254,32 @@ async fn ensure(
             false
         }
     };
-    let mut storage_used = None;
-    if ready && (full || !measured) {
-        if let Some((quota, used_mb)) = measure(ctx, container, uid).await {
+    // The last result, not the cache's: a cached Container older than the agent's last write
+    // would have the field dropped by an apply that leaves it out.
+    let mut storage_used = state
+        .measured
+        .get(&uid)
+        .and_then(|m| m.found.as_ref())
+        .map(|(_, used)| *used);
+    if ready {
+        let found = match &last {
+            Some(last) if !full => last.found.clone(),
+            _ => {
+                let found = measure(ctx, container, uid).await;
+                // A failed walk keeps the previous result for the same limits (and the
+                // condition that says it).
+                let kept = last.and_then(|m| m.found);
+                state.measured.insert(
+                    uid,
+                    Measurement {
+                        limits,
+                        found: found.clone().or(kept),
+                    },
+                );
+                found
+            }
+        };
+        if let Some((quota, used_mb)) = found {
             desired.push(quota);
             storage_used = Some(used_mb);
             ctx.metrics.set_home_storage_used(
@@ -245,7 +288,6 @@ async fn ensure(
                 used_mb,
             );
         }
-        state.measured.insert(uid, generation);
     }
     write(ctx, container, &desired, storage_used).await;
     ready

@@ -21,10 +21,13 @@ pub struct Metrics {
     home_storage_used: Family<Vec<(String, String)>, Gauge>,
 }
 
+/// Labels of a home's series. Not `namespace` and `container`: Prometheus' Kubernetes
+/// discovery gives every scraped series those of the agent's own Pod, and a clash would rename
+/// ours `exported_*`.
 fn home_labels(namespace: &str, container: &str) -> Vec<(String, String)> {
     vec![
-        ("namespace".to_owned(), namespace.to_owned()),
-        ("container".to_owned(), container.to_owned()),
+        ("container_namespace".to_owned(), namespace.to_owned()),
+        ("container_name".to_owned(), container.to_owned()),
     ]
 }
 
@@ -78,7 +81,7 @@ impl Metrics {
         );
         registry.register(
             "home_storage_used_mb",
-            "Storage a container's home uses on the node (MB), as last measured",
+            "Storage a container's home uses on the node (MB), as last measured, by Container (container_namespace, container_name)",
             metrics.home_storage_used.clone(),
         );
         metrics

@@ -60,11 +60,13 @@ pub struct CustomerSpec {
     /// Kubernetes users who act as this customer (bound to the customer role in its namespace).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(u, !u.startsWith('system:') || u.startsWith('system:serviceaccount:'))").message("users: system: names belong to Kubernetes itself; of them only a service account (system:serviceaccount:<namespace>:<name>) may act as a customer"))]
     pub users: Vec<String>,
 
     /// Kubernetes groups whose members act as this customer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 253)))]
+    #[x_kube(validation = Rule::new("self.all(g, !g.startsWith('system:'))").message("groups: system: groups belong to Kubernetes itself (system:authenticated would make every user of the cluster this customer)"))]
     pub groups: Vec<String>,
 
     /// Company name, for the supplier's records.

@@ -218,11 +218,18 @@ fn stalled_by(ready: &Verdict, stalls: &[&str]) -> Option<Verdict> {
 pub trait Summarised: HasConditions + kube::Resource {
     /// `Ready` and `Stalled` of this object as it is.
     fn summary(&self) -> Summary;
+    /// `status.observedGeneration`: the generation the summary was last written for. kstatus
+    /// reads the summary only once this equals `metadata.generation`, so only the summary's
+    /// writer sets it.
+    fn observed_generation(&self) -> Option<i64>;
 }
 
 impl Summarised for Container {
     fn summary(&self) -> Summary {
         container(self)
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref().and_then(|s| s.observed_generation)
     }
 }
 
@@ -230,11 +237,17 @@ impl Summarised for PortMapping {
     fn summary(&self) -> Summary {
         port_mapping(self)
     }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref().and_then(|s| s.observed_generation)
+    }
 }
 
 impl Summarised for CustomDistro {
     fn summary(&self) -> Summary {
         custom_distro(self)
+    }
+    fn observed_generation(&self) -> Option<i64> {
+        self.status.as_ref().and_then(|s| s.observed_generation)
     }
 }
 

@@ -54,7 +54,7 @@ pub struct AdmissionRecord {
     pub reserved: Option<Reservation>,
     /// The `Admitted` condition (status, reason, message).
     pub admitted: Option<(bool, String, String)>,
-    /// `status.observedGeneration`.
+    /// The generation the `Admitted` condition was decided for.
     pub observed_generation: Option<i64>,
 }
 
@@ -72,7 +72,8 @@ impl AdmissionRecord {
             reserved: status.reserved.clone(),
             admitted: condition::find(&status.conditions, ADMITTED)
                 .map(|c| (c.status == "True", c.reason.clone(), c.message.clone())),
-            observed_generation: status.observed_generation,
+            observed_generation: condition::find(&status.conditions, ADMITTED)
+                .and_then(|c| c.observed_generation),
         }
     }
 
@@ -226,6 +227,13 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
                 break plan;
             }
             for (uid, current) in read_fresh(ctx, &unverified).await? {
+                // `spec.server` is immutable, but the name is checked again all the same: a
+                // grant goes only to a container that names this Server as the API has it.
+                let current = current.filter(|container| {
+                    ctx.directory
+                        .named_by(container)
+                        .is_ok_and(|server| server == name)
+                });
                 match &current {
                     Some(container) => resolved.containers.insert(uid.clone(), container.clone()),
                     None => resolved.containers.remove(&uid),
@@ -796,8 +804,7 @@ async fn write_admission(
         message: message.clone(),
     };
     let mut body = json!({
-        "conditions": [condition.to_condition(container.conditions(), container.metadata.generation)],
-        "observedGeneration": desired.observed_generation,
+        "conditions": [condition.to_condition(container.conditions(), desired.observed_generation)],
     });
     for (field, value) in [
         ("uid", json!(desired.uid)),

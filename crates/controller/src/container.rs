@@ -29,7 +29,9 @@ use crate::admission::{AdmissionRecord, refuse_unplaced, release};
 use crate::context::Context;
 use crate::facts::{container_facts, distro_facts};
 use crate::status::{Desired, WORKLOAD_MANAGER, apply_status};
-use crate::workload::{CONTAINER_LABEL, Root, SPEC_HASH_ANNOTATION, WorkloadInput, build};
+use crate::workload::{
+    CONTAINER_LABEL, RESTARTED_AT_ANNOTATION, Root, SPEC_HASH_ANNOTATION, WorkloadInput, build,
+};
 
 /// Reason the agent gives on `HomeReady=False` once it has archived, retained or deleted the
 /// home of a container being deleted; the finalizer is released on it.
@@ -147,14 +149,23 @@ async fn reconcile_workload(
     } else {
         pods.get_opt(&container.name_any()).await?
     };
+    let restarted_at = container.spec.restarted_at.as_deref().or_else(|| {
+        existing
+            .as_ref()
+            .and_then(|pod| pod.annotations().get(RESTARTED_AT_ANNOTATION))
+            .map(String::as_str)
+    });
     let plan = plan_workload(
         container,
         record,
         ctx,
         &me,
-        &distro_objects,
-        &distros,
-        &facts,
+        &DistroView {
+            objects: &distro_objects,
+            distros: &distros,
+            containers: &facts,
+        },
+        restarted_at,
     );
     let status = match plan {
         // Nothing running is lost for a distro the customer is refilling or broke: a Pod that
@@ -412,15 +423,28 @@ impl NoWorkload {
     }
 }
 
+/// The custom distros of the container's namespace, as objects and as the facts the pure rules
+/// decide from, with the facts of its containers.
+#[derive(Clone, Copy)]
+struct DistroView<'a> {
+    objects: &'a [Arc<CustomDistro>],
+    distros: &'a [uwsgi_it_domain::distro::DistroFacts],
+    containers: &'a [uwsgi_it_domain::distro::ContainerFacts],
+}
+
 fn plan_workload(
     container: &Container,
     record: &AdmissionRecord,
     ctx: &Context,
     me: &uwsgi_it_domain::distro::ContainerFacts,
-    distro_objects: &[Arc<CustomDistro>],
-    distros: &[uwsgi_it_domain::distro::DistroFacts],
-    facts: &[uwsgi_it_domain::distro::ContainerFacts],
+    view: &DistroView<'_>,
+    restarted_at: Option<&str>,
 ) -> Result<crate::workload::Workload, NoWorkload> {
+    let DistroView {
+        objects: distro_objects,
+        distros,
+        containers: facts,
+    } = *view;
     let custom_name = container.spec.custom_distro.as_deref();
     let platform = container.spec.distro.as_deref();
     if custom_name.is_none() && platform.is_none() {
@@ -495,6 +519,7 @@ fn plan_workload(
             home: &home,
             root,
             distro_trees: distro_trees.as_deref(),
+            restarted_at,
         })
     };
     let (Some(accepted), Some(name)) = (accepted, custom_name) else {

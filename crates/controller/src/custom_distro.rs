@@ -156,13 +156,11 @@ async fn write_status(
         && current.server == server
         && current.host_path == host_path
         && current.used_by == used
-        && current.observed_generation == distro.metadata.generation
     {
         return Ok(());
     }
     let mut body = json!({
         "usedBy": used,
-        "observedGeneration": distro.metadata.generation,
         "conditions": [condition.to_condition(&current.conditions, distro.metadata.generation)],
     });
     if let Some(server) = &server {

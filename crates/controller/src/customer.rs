@@ -106,7 +106,15 @@ pub async fn reconcile(customer: Arc<Customer>, ctx: Arc<Context>) -> Result<Act
     // are applied when one of those changes (and again after REAPPLY, which repairs drift such
     // as a deleted RoleBinding).
     let uid = customer.metadata.uid.clone().unwrap_or_default();
-    let servers = sole_owned_servers(&customer, &ctx.customers.state());
+    let servers = sole_owned_servers(&customer, &ctx.customers.state(), |name| {
+        ctx.servers.get(&ObjectRef::new(name)).map(|server| {
+            server
+                .status
+                .iter()
+                .flat_map(|s| s.ledger.iter().map(|e| e.namespace.clone()))
+                .collect()
+        })
+    });
     let applied = ctx
         .customer_applied
         .lock()
@@ -309,8 +317,9 @@ async fn apply_namespace_and_binding(
     Ok(())
 }
 
-/// Prefix of the ClusterRole and ClusterRoleBinding of each Customer (see [`reader_name`]).
-pub const READER_PREFIX: &str = "uwsgi-it-customer-";
+/// Prefix of the ClusterRole and ClusterRoleBinding of each Customer (see [`reader_name`]); the
+/// configuration refuses a `customerClusterRole` that starts with it.
+pub use uwsgi_it_domain::config::CUSTOMER_READER_PREFIX as READER_PREFIX;
 
 /// The ClusterRole (and its ClusterRoleBinding) that lets a Customer's users read their own
 /// Customer (its status holds the usage of each of its servers) and the Servers only they own.
@@ -320,20 +329,30 @@ pub fn reader_name(customer: &str) -> String {
     format!("{READER_PREFIX}{customer}")
 }
 
-/// The servers of `customer` that no other (live) Customer lists: a shared Server's ledger names
-/// the other customers' containers, so only a sole owner may read it (its usage is in the
-/// Customer's own status either way).
-pub fn sole_owned_servers(customer: &Customer, customers: &[Arc<Customer>]) -> Vec<String> {
+/// The servers of `customer` that it alone can see into: no other Customer lists it (one being
+/// deleted still counts, its containers may still be there) and every entry of its ledger is a
+/// container of the customer's own namespace. A shared Server's ledger names the other
+/// customers' containers, so only a sole owner may read it (its usage is in the Customer's own
+/// status either way). `ledger_namespaces` gives the namespaces of a Server's ledger entries,
+/// `None` when the Server is unknown (nothing to read: no grant).
+pub fn sole_owned_servers(
+    customer: &Customer,
+    customers: &[Arc<Customer>],
+    ledger_namespaces: impl Fn(&str) -> Option<Vec<String>>,
+) -> Vec<String> {
+    let namespace = customer.namespace_name();
     let mut servers: Vec<String> = customer
         .spec
         .servers
         .iter()
         .filter(|server| {
             !customers.iter().any(|other| {
-                other.metadata.uid != customer.metadata.uid
-                    && other.metadata.deletion_timestamp.is_none()
-                    && other.spec.servers.contains(server)
+                other.metadata.uid != customer.metadata.uid && other.spec.servers.contains(server)
             })
+        })
+        .filter(|server| {
+            ledger_namespaces(server)
+                .is_some_and(|namespaces| namespaces.iter().all(|n| *n == namespace))
         })
         .cloned()
         .collect();
@@ -468,4 +487,78 @@ async fn write_status(
         .await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uwsgi_it_api::CustomerSpec;
+
+    fn customer(name: &str, uid: &str, servers: &[&str]) -> Arc<Customer> {
+        let mut c = Customer::new(
+            name,
+            CustomerSpec {
+                servers: servers.iter().map(ToString::to_string).collect(),
+                ..Default::default()
+            },
+        );
+        c.metadata.uid = Some(uid.into());
+        Arc::new(c)
+    }
+
+    fn ledgers<'a>(
+        entries: &'a [(&'a str, &'a [&'a str])],
+    ) -> impl Fn(&str) -> Option<Vec<String>> + 'a {
+        move |server| {
+            entries
+                .iter()
+                .find(|(name, _)| *name == server)
+                .map(|(_, namespaces)| namespaces.iter().map(ToString::to_string).collect())
+        }
+    }
+
+    #[test]
+    fn a_server_listed_by_another_customer_is_not_readable() {
+        let acme = customer("acme", "1", &["s1", "s2"]);
+        let other = customer("other", "2", &["s2"]);
+        let all = [acme.clone(), other];
+        let servers = sole_owned_servers(&acme, &all, ledgers(&[("s1", &[]), ("s2", &[])]));
+        assert_eq!(servers, ["s1"]);
+    }
+
+    #[test]
+    fn a_customer_being_deleted_still_shares_its_servers() {
+        let acme = customer("acme", "1", &["s1"]);
+        let mut leaving = (*customer("leaving", "2", &["s1"])).clone();
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let all = [acme.clone(), Arc::new(leaving)];
+        assert!(sole_owned_servers(&acme, &all, ledgers(&[("s1", &[])])).is_empty());
+    }
+
+    #[test]
+    fn a_ledger_naming_another_namespace_is_not_readable() {
+        // The server was shared until just now: the other customer's containers are still
+        // in its ledger.
+        let acme = customer("acme", "1", &["s1", "s2"]);
+        let all = [acme.clone()];
+        let servers = sole_owned_servers(
+            &acme,
+            &all,
+            ledgers(&[("s1", &["acme", "acme"]), ("s2", &["acme", "other"])]),
+        );
+        assert_eq!(servers, ["s1"]);
+    }
+
+    #[test]
+    fn an_unknown_server_is_not_granted() {
+        let acme = customer("acme", "1", &["s1", "ghost"]);
+        let all = [acme.clone()];
+        assert_eq!(
+            sole_owned_servers(&acme, &all, ledgers(&[("s1", &[])])),
+            ["s1"]
+        );
+    }
 }

@@ -383,12 +383,8 @@ impl ServerRefs {
                 .iter()
                 .any(|f| f == uwsgi_it_api::well_known::CONTROLLER_FINALIZER)
             || status.is_none_or(|s| {
-                s.observed_generation != container.metadata.generation
-                    || uwsgi_it_api::condition::find(
-                        &s.conditions,
-                        uwsgi_it_api::condition::ADMITTED,
-                    )
-                    .is_none()
+                uwsgi_it_api::condition::find(&s.conditions, uwsgi_it_api::condition::ADMITTED)
+                    .is_none_or(|c| c.observed_generation != container.metadata.generation)
             })
     }
 

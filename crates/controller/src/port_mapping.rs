@@ -50,7 +50,8 @@ impl MappingRecord {
             target: status.target.clone(),
             accepted: condition::find(&status.conditions, ACCEPTED)
                 .map(|c| (c.status == "True", c.reason.clone(), c.message.clone())),
-            observed_generation: status.observed_generation,
+            observed_generation: condition::find(&status.conditions, ACCEPTED)
+                .and_then(|c| c.observed_generation),
         }
     }
 
@@ -284,8 +285,7 @@ async fn write(
     };
     let existing = mapping.conditions();
     let mut body = json!({
-        "conditions": [condition.to_condition(existing, mapping.metadata.generation)],
-        "observedGeneration": desired.observed_generation,
+        "conditions": [condition.to_condition(existing, desired.observed_generation)],
     });
     for (field, value) in [
         ("server", &desired.server),

@@ -5,7 +5,8 @@
 //! reconciler, under a field manager of its own, run on every change of the object. It reads
 //! the object as cached, decides with the pure [`uwsgi_it_api::readiness`] rules, and writes only
 //! when the summary changed: a write of any other condition brings the object back here, so the
-//! summary follows within one watch event.
+//! summary follows within one watch event. It alone writes `status.observedGeneration` of these
+//! kinds, in the same apply as the summary.
 //!
 //! Servers and Customers write their own `Ready` (and `Stalled`) where they decide it.
 
@@ -41,11 +42,18 @@ where
     let _timer = ctx.metrics.reconcile_started("readiness");
     let summary = object.summary();
     let generation = object.meta().generation;
-    if shows(object.conditions(), &summary, generation) {
+    if shows(object.conditions(), &summary, generation)
+        && object.observed_generation() == generation
+    {
         return Ok(Action::await_change());
     }
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
-    let body = json!({"conditions": conditions(object.conditions(), &summary, generation)});
+    // The top-level observedGeneration goes with the summary, never before it: kstatus trusts
+    // `Ready` as soon as it matches the generation.
+    let body = json!({
+        "observedGeneration": generation,
+        "conditions": conditions(object.conditions(), &summary, generation),
+    });
     match apply_status(&api, object.as_ref(), READINESS_MANAGER, body).await {
         Ok(_) => {}
         // Deleted in between: nothing left to summarise.

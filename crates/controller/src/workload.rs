@@ -63,6 +63,9 @@ pub struct WorkloadInput<'a> {
     pub root: Root<'a>,
     /// A storage container's distro trees on the server, mounted at `<home>/distros`.
     pub distro_trees: Option<&'a Path>,
+    /// The restart request in force: `spec.restartedAt`, else the one the running Pod was
+    /// started for (taking the field out of the spec asks for nothing, so restarts nothing).
+    pub restarted_at: Option<&'a str>,
 }
 
 /// The root filesystem of a container.
@@ -268,7 +271,7 @@ pub fn build(input: &WorkloadInput<'_>) -> Workload {
     let mut annotations = BTreeMap::new();
     // A restart the customer asked for: each new value is another hash, so one new Pod. Without
     // a value the hash is the spec's alone (an upgrade restarts nothing).
-    if let Some(requested) = input.container.spec.restarted_at.as_deref() {
+    if let Some(requested) = input.restarted_at {
         hash = fnv1a(format!("{hash}\nrestartedAt={requested}").as_bytes());
         annotations.insert(RESTARTED_AT_ANNOTATION.to_string(), requested.to_string());
     }
@@ -444,6 +447,7 @@ mod tests {
             home: &home,
             root,
             distro_trees: None,
+            restarted_at: c.spec.restarted_at.as_deref(),
         })
     }
 
@@ -649,6 +653,25 @@ mod tests {
             1,
             "no request, no annotation: the hash of today's Pods is kept"
         );
+        // The field taken out of the spec while the Pod of the last request runs: the request
+        // in force is the Pod's, the same hash.
+        let home = PathBuf::from("/containers/30001");
+        let removed = build(&WorkloadInput {
+            container: &container(plain),
+            uid: 30001,
+            memory_mb: 64,
+            server: "server-1",
+            image: "debian:bookworm-slim",
+            home: &home,
+            root: Root::Image,
+            distro_trees: None,
+            restarted_at: Some("2026-12-02T10:05:00Z"),
+        });
+        assert_eq!(
+            hash(&removed),
+            hash(&second),
+            "removing restartedAt restarts nothing"
+        );
     }
 
     #[test]
@@ -667,6 +690,7 @@ mod tests {
             home: &home,
             root: Root::Image,
             distro_trees: Some(&trees),
+            restarted_at: None,
         });
         let pv = serde_json::to_value(&workload.volumes[1].0).unwrap();
         assert_eq!(pv["spec"]["local"]["path"], "/containers/.distros/30001");

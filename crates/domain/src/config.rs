@@ -197,7 +197,16 @@ pub enum ConfigError {
     /// A name that must be a Kubernetes object name is empty.
     #[error("{0} must not be empty")]
     EmptyName(&'static str),
+    /// `customerClusterRole` would be the name of a Customer's reader ClusterRole.
+    #[error(
+        "customerClusterRole {0:?} must not start with {CUSTOMER_READER_PREFIX:?}: the controller names each Customer's reader ClusterRole so, and a Customer could take it over"
+    )]
+    CustomerClusterRole(String),
 }
+
+/// Prefix of the ClusterRole (and ClusterRoleBinding) by which each Customer's users read their
+/// own Customer and the Servers only they own: `uwsgi-it-customer-<customer>`.
+pub const CUSTOMER_READER_PREFIX: &str = "uwsgi-it-customer-";
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -312,6 +321,9 @@ impl OperatorConfig {
             raw.customer_cluster_role,
             defaults.customer_cluster_role,
         )?;
+        if customer_cluster_role.starts_with(CUSTOMER_READER_PREFIX) {
+            return Err(ConfigError::CustomerClusterRole(customer_cluster_role));
+        }
         let uid_store = non_empty("uidStore", raw.uid_store, defaults.uid_store)?;
         let release_timeout = match raw.release_timeout {
             Some(text) => parse_duration(&text).ok_or(ConfigError::ReleaseTimeout(text))?,
@@ -450,6 +462,13 @@ uidStore: uids
         assert_eq!(config.port_forward.max_sync_age, Duration::from_secs(600));
         assert_eq!(config.log_level, "debug");
         assert_eq!(config.customer_cluster_role, "hosting-customer");
+        assert_eq!(
+            OperatorConfig::from_yaml("customerClusterRole: uwsgi-it-customer-admin"),
+            Err(ConfigError::CustomerClusterRole(
+                "uwsgi-it-customer-admin".into()
+            )),
+            "a Customer named admin would own that ClusterRole"
+        );
         assert_eq!(config.uid_store, "uids");
     }
 

@@ -276,8 +276,8 @@ where
 /// True once the controller decided the container (Admitted is present for this generation).
 pub fn decided(container: &Container) -> bool {
     container.status.as_ref().is_some_and(|s| {
-        condition::find(&s.conditions, ADMITTED).is_some()
-            && s.observed_generation == container.metadata.generation
+        condition::find(&s.conditions, ADMITTED)
+            .is_some_and(|c| c.observed_generation == container.metadata.generation)
     })
 }
 
