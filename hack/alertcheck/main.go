@@ -2,7 +2,7 @@
 // rule parser), loads scrapes of the running system into an in-memory store, and says for each
 // alerting rule whether its expression yields series at -at: the rule would fire (its `for:`
 // aside). The operator's tests use it to prove each alert fires in the state it is about, and
-// stays quiet on a healthy system. Built by hack/alertcheck.sh.
+// stays quiet on a healthy system. Built by `hack/go-tool.sh alertcheck`.
 //
 // The store is a small in-memory one: Prometheus' tsdb would bring its configuration and
 // service-discovery packages (client-go, cloud SDKs) into the build.

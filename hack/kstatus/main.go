@@ -3,7 +3,7 @@
 // line per object on stdout: kind, namespace/name, status, message, separated by tabs.
 //
 // The operator's tests run it on live objects to check that GitOps tools read them as a person
-// would. Built by hack/kstatus.sh.
+// would. Built by `hack/go-tool.sh kstatus`.
 package main
 
 import (

@@ -11,29 +11,20 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An argument no other process uses, to find leftover sleepers.
 const SLEEP_MARK: &str = "3600.0417";
 
 async fn healthz(address: std::net::SocketAddr) -> (u16, String) {
-    let response = request(address, "/healthz").await;
+    let response = uwsgi_it_testbed::alerts::http_get_local(address, "/healthz")
+        .await
+        .unwrap();
     let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("an HTTP status line");
     (status, response)
-}
-
-/// One HTTP/1.1 GET; the whole response (status line, headers, body).
-async fn request(address: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }
 
 fn real(program: &str) -> std::path::PathBuf {

@@ -39,15 +39,21 @@ pub fn chart_rules(sets: &[&str]) -> Result<String> {
     Ok(serde_json::to_string(&rule["spec"])?)
 }
 
-/// `GET /metrics` of a program at `address` (HTTP/1.1, no client library): the body of a 200.
-pub async fn scrape(address: std::net::SocketAddr) -> Result<String> {
+/// One HTTP/1.1 `GET path` of a program at `address` (no client library, the connection closed
+/// after it): the whole response, status line, headers and body.
+pub async fn http_get_local(address: std::net::SocketAddr, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+/// `GET /metrics` of a program at `address`: the body of a 200.
+pub async fn scrape(address: std::net::SocketAddr) -> Result<String> {
+    let response = http_get_local(address, "/metrics").await?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("not an HTTP response")?;
@@ -96,7 +102,7 @@ impl Scrapes {
     /// Which alerts of `rules` (a rule file) would fire at `at`: alert name → fires.
     pub fn evaluate(&self, rules: &str, at: SystemTime) -> Result<BTreeMap<String, bool>> {
         let binary = std::env::var_os("UWSGI_IT_ALERTCHECK").map(PathBuf::from).context(
-            "UWSGI_IT_ALERTCHECK is not set: run `export UWSGI_IT_ALERTCHECK=$(hack/alertcheck.sh)` (hack/test.sh does)",
+            "UWSGI_IT_ALERTCHECK is not set: run `export UWSGI_IT_ALERTCHECK=$(hack/go-tool.sh alertcheck)` (hack/test.sh does)",
         )?;
         let rules_file = self.dir.path().join("rules.yaml");
         std::fs::write(&rules_file, rules)?;

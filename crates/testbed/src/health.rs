@@ -1,7 +1,7 @@
 //! GitOps health as the tools compute it, run on objects the tests read from the API server:
 //!
 //! - kstatus (`sigs.k8s.io/cli-utils`: Flux, Helm 4's `--wait`, kpt), the Go program
-//!   `hack/kstatus` built by `hack/kstatus.sh` and found through `UWSGI_IT_KSTATUS`;
+//!   `hack/kstatus` built by `hack/go-tool.sh kstatus` and found through `UWSGI_IT_KSTATUS`;
 //! - the Argo CD health check this project ships (`health/argocd/health.lua`), run by Lua 5.1
 //!   (Argo CD's gopher-lua is a Lua 5.1) with the standard libraries Argo CD withholds from
 //!   argocd-cm scripts removed.
@@ -30,7 +30,7 @@ pub struct KStatus {
 pub fn kstatus(objects: &[Value]) -> Result<Vec<KStatus>> {
     let binary = std::env::var_os("UWSGI_IT_KSTATUS")
         .map(PathBuf::from)
-        .context("UWSGI_IT_KSTATUS is not set: run `export UWSGI_IT_KSTATUS=$(hack/kstatus.sh)` (hack/test.sh does)")?;
+        .context("UWSGI_IT_KSTATUS is not set: run `export UWSGI_IT_KSTATUS=$(hack/go-tool.sh kstatus)` (hack/test.sh does)")?;
     let output = run(&binary, &[], &serde_json::to_vec(objects)?)?;
     output
         .lines()
