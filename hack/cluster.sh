@@ -14,7 +14,14 @@
 #                kubelet, kube-proxy (nftables), CNI bridge cni0 with Pods in 10.244.1.0/24
 #   uitc-server-2  server node 198.18.0.12, public address 203.0.113.20, Pods in 10.244.2.0/24
 #   uitc-client  198.18.0.100: where test traffic to the servers' public addresses comes from
-#   this host    198.18.0.254 on veth uitc-host, so tests and kubectl reach the API server
+#   this host    198.18.0.254 on veth uitc-host, so tests and kubectl reach the API server;
+#                the OCI registry (CNCF distribution) on 127.0.0.1:5000, where `up` releases
+#                the project (hack/release.sh: images and chart, pinned by digest)
+#
+# Nothing is imported into the nodes: their containerd pulls every image, the Pod sandbox
+# included, by digest from a read-only instance of that registry in uitc-cp (198.18.0.1:5000,
+# the same storage), which each node's registry configuration (certs.d/hosts.toml) puts in place
+# of 127.0.0.1:5000, as a mirror would be in production.
 #
 # 198.18.0.0/15 is the range set aside for network tests (RFC 2544). No node has a default
 # route (a Pod's default route ends at its node), so nothing in the cluster can reach the
@@ -40,6 +47,9 @@ declare -A NODE_IP=([server-1]=198.18.0.11 [server-2]=198.18.0.12)
 declare -A PUBLIC_IP=([server-1]=203.0.113.10 [server-2]=203.0.113.20)
 declare -A POD_CIDR=([server-1]=10.244.1.0/24 [server-2]=10.244.2.0/24)
 API_IP=198.18.0.1
+REGISTRY_PORT=${UWSGI_IT_REGISTRY_PORT:-5000}
+REGISTRY=127.0.0.1:$REGISTRY_PORT
+MIRROR=$API_IP:5000
 HOST_IP=198.18.0.254
 CLIENT_IP=198.18.0.100
 SERVICE_CIDR=10.96.0.0/16
@@ -282,15 +292,58 @@ make_cgroups() {
 
 # daemon NAME NETNS PROGRAM ARGS...: started in the cluster's cgroup, in NETNS's network
 # namespace only (nsenter, not `ip netns exec`, which would also unshare the mount namespace:
-# the kubelet and containerd must see each other's mounts).
+# the kubelet and containerd must see each other's mounts); NETNS "" is this host's.
 daemon() {
   local name=$1 ns=$2
   shift 2
   (
     echo "$BASHPID" >"/sys/fs/cgroup/pids/$CGROUP/daemons/cgroup.procs"
-    exec setsid nsenter --net="/run/netns/$ns" -- "$@"
+    if [ -n "$ns" ]; then
+      exec setsid nsenter --net="/run/netns/$ns" -- "$@"
+    else
+      exec setsid "$@"
+    fi
   ) </dev/null >"$logs/$name.log" 2>&1 9>&- &
   echo "$!" >"$run/$name.pid"
+}
+
+# registry_config ADDRESS READONLY: a distribution registry on the cluster's registry storage.
+registry_config() {
+  cat <<EOF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: $CLUSTER_DIR/registry}
+  delete: {enabled: false}
+  maintenance:
+    uploadpurging: {enabled: false}
+    readonly: {enabled: $2}
+http:
+  addr: $1
+EOF
+}
+
+# The registry on this host's loopback (the release is pushed there) and its read-only twin in
+# uitc-cp that the nodes pull from; then the release itself.
+start_registry() {
+  local bin
+  bin=${UWSGI_IT_REGISTRY_BIN:-$(bash hack/go-tool.sh registry 9>&-)}
+  if curl -s -o /dev/null --max-time 2 "http://$REGISTRY/v2/" 9>&-; then
+    die "something already listens on $REGISTRY; set UWSGI_IT_REGISTRY_PORT to another port"
+  fi
+  mkdir -p "$CLUSTER_DIR/registry"
+  registry_config "$REGISTRY" false >"$run/registry.yaml"
+  registry_config "$MIRROR" true >"$run/registry-mirror.yaml"
+  # No tracing exporter: nothing to send spans to.
+  daemon registry "" env OTEL_TRACES_EXPORTER=none "$bin" serve "$run/registry.yaml"
+  daemon registry-mirror uitc-cp env OTEL_TRACES_EXPORTER=none "$bin" serve "$run/registry-mirror.yaml"
+  wait_for "the registry on $REGISTRY" 30 curl -sf "http://$REGISTRY/v2/"
+  wait_for "its read-only mirror on $MIRROR" 30 nsenter --net=/run/netns/uitc-cp curl -sf "http://$MIRROR/v2/"
+  say "release: images and chart to $REGISTRY (hack/release.sh)"
+  RELEASE_SOURCE_URL=${RELEASE_SOURCE_URL:-file://$PWD} bash hack/release.sh "$REGISTRY" \
+    >"$CLUSTER_DIR/release.env" 9>&- || die "hack/release.sh $REGISTRY failed"
+  # shellcheck disable=SC1091
+  source "$CLUSTER_DIR/release.env"
 }
 
 wait_for() { # description, seconds, command...
@@ -351,6 +404,13 @@ start_node() {
   ]
 }
 EOF
+  # The registry is reached through its read-only mirror, over plain HTTP inside the cluster.
+  mkdir -p "$dir/certs.d/$REGISTRY"
+  cat >"$dir/certs.d/$REGISTRY/hosts.toml" <<EOF
+server = "http://$MIRROR"
+[host."http://$MIRROR"]
+  capabilities = ["pull", "resolve"]
+EOF
   cat >"$dir/containerd.toml" <<EOF
 version = 3
 root = '$dir/containerd/root'
@@ -364,6 +424,8 @@ imports = []
     snapshotter = 'overlayfs'
     [plugins.'io.containerd.cri.v1.images'.pinned_images]
       sandbox = '$PAUSE_IMAGE'
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = '$dir/certs.d'
   [plugins.'io.containerd.cri.v1.runtime']
     enable_cdi = false
     # No CAP_SYS_RESOURCE here: without this every sandbox fails to start.
@@ -387,12 +449,6 @@ EOF
   daemon "containerd-$node" "uitc-$node" env "PATH=$NODE_BIN:$PATH" "$NODE_BIN/containerd" \
     --config "$dir/containerd.toml"
   wait_for "containerd on $node" 60 "$NODE_BIN/ctr" --address "$dir/containerd.sock" version
-  local archive
-  for archive in "${IMAGE_ARCHIVES[@]}"; do
-    "$NODE_BIN/ctr" --address "$dir/containerd.sock" -n k8s.io images import \
-      --snapshotter overlayfs "$archive" >/dev/null 9>&- ||
-      die "importing $archive into $node's containerd failed"
-  done
 
   cat >"$dir/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -471,11 +527,6 @@ up() {
   # The builds and waits below must not hold the lock if this script is killed: 9>&-.
   [ -n "${UWSGI_IT_CONTROL_PLANE_BIN:-}" ] || UWSGI_IT_CONTROL_PLANE_BIN=$(bash hack/control-plane.sh 9>&-)
   NODE_BIN=${UWSGI_IT_NODE_BIN:-$(bash hack/node-binaries.sh 9>&-)}
-  local images_env=${UWSGI_IT_IMAGES:-$HOME/.cache/uwsgi-it-operator/images}/images.env
-  [ -f "$images_env" ] || die "no images: run hack/images.sh first"
-  # shellcheck disable=SC1090
-  source "$images_env"
-  IMAGE_ARCHIVES=("$PAUSE_ARCHIVE" "$OPERATOR_ARCHIVE" "$DISTRO_ARCHIVE" "$DISTRO_ROOT_ARCHIVE")
   command -v runc >/dev/null || die "runc is missing: run hack/install-deps.sh"
 
   mkdir -p "$markers"
@@ -514,13 +565,14 @@ up() {
   say "network namespaces and bridge"
   make_network
   make_cgroups
+  start_registry
   say "certificates"
   (umask 077 && make_pki)
   say "control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)"
   start_control_plane
   local node
   for node in "${NODES[@]}"; do
-    say "server node $node (${NODE_IP[$node]}): containerd, images, kubelet, kube-proxy"
+    say "server node $node (${NODE_IP[$node]}): containerd, kubelet, kube-proxy"
     start_node "$node"
   done
   local kubectl="$UWSGI_IT_CONTROL_PLANE_BIN/kubectl --kubeconfig=$CLUSTER_DIR/kubeconfig"
@@ -539,7 +591,8 @@ up() {
       echo "NODE_${key//-/_}=${NODE_IP[$node]}"
       echo "PUBLIC_${key//-/_}=${PUBLIC_IP[$node]}"
     done
-    cat "$images_env"
+    echo "REGISTRY=$REGISTRY"
+    cat "$CLUSTER_DIR/release.env"
   } | tee "$CLUSTER_DIR/cluster.env"
   say "up: export KUBECONFIG=$CLUSTER_DIR/kubeconfig"
 }

@@ -6,7 +6,8 @@
 # pinned control plane, the node binaries (kubelet, kube-proxy, kube-scheduler, containerd) and
 # helm; builds the images (hack/images.sh: the operator, the platform distro, the pause image);
 # then `uwsgi-it-local` brings up the real cluster (hack/cluster.sh: control plane and two server
-# nodes in network namespaces of their own), `helm install`s the chart, applies the quickstart
+# nodes in network namespaces of their own, the release pushed to its loopback registry), `helm
+# install`s the released chart from there, applies the quickstart
 # of examples/, puts an app into hydra's home and waits until it answers on 203.0.113.10:9000
 # from a client namespace. It prints `export KUBECONFIG=...` and how to use the cluster, keeps
 # it until Ctrl-C or SIGTERM, then removes everything it made.

@@ -17,10 +17,10 @@ if [ -n "${CI:-}" ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
 fi
 
 # kstatus (sigs.k8s.io/cli-utils), run by the tests on live objects: GitOps health as Flux reads it.
-UWSGI_IT_KSTATUS=$(bash hack/kstatus.sh)
+UWSGI_IT_KSTATUS=$(bash hack/go-tool.sh kstatus)
 export UWSGI_IT_KSTATUS
 # Prometheus' rule parser and PromQL engine: the chart's alerts, checked and evaluated on scrapes.
-UWSGI_IT_ALERTCHECK=$(bash hack/alertcheck.sh)
+UWSGI_IT_ALERTCHECK=$(bash hack/go-tool.sh alertcheck)
 export UWSGI_IT_ALERTCHECK
 
 # The real cluster (tests/real_cluster.rs): kubelet, kube-proxy, kube-scheduler, containerd,
@@ -29,6 +29,10 @@ UWSGI_IT_NODE_BIN=$(bash hack/node-binaries.sh)
 export UWSGI_IT_NODE_BIN
 echo "[test] building the images (hack/images.sh)" >&2
 bash hack/images.sh >/dev/null
+# The registry the real cluster's release is pushed to and its nodes pull from, and the tool that
+# pushes the images (hack/release.sh, run by hack/cluster.sh up).
+bash hack/go-tool.sh registry >/dev/null
+bash hack/go-tool.sh crane >/dev/null
 
 # Every crate of the lock file, for every platform (the Dockerfile test reads the whole graph).
 echo "[test] cargo fetch" >&2

@@ -1,6 +1,7 @@
 //! `uwsgi-it-operator`: one binary, one subcommand per program.
 
 mod check;
+mod crd_upgrade;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -84,11 +85,19 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout_seconds: u64,
     },
-    /// Write the CustomResourceDefinitions generated from the Rust types.
+    /// Write the CustomResourceDefinitions generated from the Rust types, or (`--apply`) write
+    /// a chart's CRD files to the cluster (the chart's pre-upgrade hook).
     Crds {
         /// Directory to write one YAML file per CRD into; prints them to stdout when omitted.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "apply")]
         out: Option<PathBuf>,
+        /// Directory of CRD files (`*.yaml`, one CRD each, only this operator's) to write to
+        /// the cluster whole, waiting until each is established.
+        #[arg(long)]
+        apply: Option<PathBuf>,
+        /// Seconds to wait for the applied CRDs to be established.
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
     },
 }
 
@@ -103,7 +112,25 @@ enum LogFormat {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crds { out } => write_crds(out),
+        Command::Crds {
+            apply: Some(dir),
+            timeout_seconds,
+            ..
+        } => {
+            let crds = crd_upgrade::read(&dir)?;
+            tokio::runtime::Runtime::new()?.block_on(async move {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("connecting to the Kubernetes API")?;
+                crd_upgrade::apply(
+                    client,
+                    crds,
+                    std::time::Duration::from_secs(timeout_seconds),
+                )
+                .await
+            })
+        }
+        Command::Crds { out, .. } => write_crds(out),
         Command::Check {
             namespace,
             agent_daemonset,

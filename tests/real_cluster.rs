@@ -1,6 +1,7 @@
 //! End to end on the real cluster (tier 3): `hack/cluster.sh` brings up the control plane and
 //! two real server nodes (kubelet, containerd, runc, CNI, kube-proxy in network namespaces of
-//! their own), the chart is installed with helm, and the controller and the agent run as the
+//! their own), the project is released to the cluster's loopback registry and its chart is
+//! installed from there with helm (`oci://`, images by digest), and the controller and the agent run as the
 //! Deployment and DaemonSet Pods they are in production.
 //!
 //! One test function on purpose: the machine holds one real cluster at a time, and bringing one
@@ -22,6 +23,8 @@ use uwsgi_it_testbed::real_cluster::{RealCluster, http_get, wait_condition, writ
 
 #[path = "real_cluster/custom_distros.rs"]
 mod custom_distros;
+#[path = "real_cluster/release.rs"]
+mod release;
 
 const SYSTEM: &str = "uwsgi-it-system";
 const CUSTOMER: &str = "acme";
@@ -59,6 +62,7 @@ async fn scenario(cluster: &RealCluster) {
         tested.contains("ok: every CRD established, a controller leading, every agent ready"),
         "{tested}"
     );
+    release::pods_run_the_released_images(cluster, &client).await;
     cluster_apply(
         cluster,
         &std::fs::read_to_string(repo("examples/00-server.yaml")).unwrap(),
@@ -415,6 +419,9 @@ spec: {server: server-2, memory: 500, storage: 1000, distro: bookworm}",
     crash_loops.check(cluster);
 
     custom_distros::scenario(cluster, &client).await;
+    crash_loops.check(cluster);
+
+    release::an_upgrade_applies_its_crds(cluster).await;
     crash_loops.check(cluster);
 
     step("no Pod crash-looped at any check");

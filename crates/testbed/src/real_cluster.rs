@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use crate::chart::{chart_dir, helm, repo_path};
+use crate::chart::{helm, repo_path};
 use crate::netns::Netns;
 
 /// Where the cluster keeps its state (the script's default).
@@ -36,13 +36,10 @@ pub struct RealCluster {
 }
 
 impl RealCluster {
-    /// Blocking: builds what is missing (node binaries, images; cached), brings the cluster up
-    /// and waits until both nodes are Ready.
+    /// Blocking: builds what is missing (node binaries, images, Go tools; cached), brings the
+    /// cluster up with the project released to its loopback registry (`hack/release.sh`), and
+    /// waits until both nodes are Ready.
     pub fn up() -> Result<RealCluster> {
-        let images_env = images_dir().join("images.env");
-        if !images_env.exists() {
-            run_script("hack/images.sh", &[])?;
-        }
         if std::env::var_os("UWSGI_IT_CLUSTER_DIR").is_some() {
             bail!("UWSGI_IT_CLUSTER_DIR is not supported here: the checks look at {CLUSTER_DIR}");
         }
@@ -64,6 +61,9 @@ impl RealCluster {
         for key in [
             "KUBECONFIG",
             "HOME_ROOT",
+            "REGISTRY",
+            "CHART",
+            "CHART_VERSION",
             "OPERATOR_IMAGE",
             "DISTRO_IMAGE",
             "DISTRO_ROOT_IMAGE",
@@ -157,39 +157,86 @@ impl RealCluster {
         crate::control_plane::run_with_input(kubectl, yaml)
     }
 
-    /// `helm install --wait` of the chart with the locally built images, into `namespace`:
-    /// the controller Deployment (2 replicas, leader election) and the agent DaemonSet as real
-    /// Pods. `extra` are more `--set` values.
+    /// `helm install --wait` into `namespace` of the chart `hack/cluster.sh up` released to the
+    /// loopback registry (`oci://127.0.0.1:5000/charts/uwsgi-it-operator`), as a supplier
+    /// installs a release: its default images are the ones pushed with it, pulled by digest.
+    /// The controller Deployment (2 replicas, leader election) and the agent DaemonSet run as
+    /// real Pods. `extra` are more `--set` values.
     pub fn install_chart(&self, release: &str, namespace: &str, extra: &[&str]) -> Result<()> {
-        let (repository, tag) = split_reference(self.env("OPERATOR_IMAGE"));
-        let mut sets = vec![
-            format!("image.repository={repository}"),
-            format!("image.tag={tag}"),
-            // Imported into every node's containerd; there is no registry to pull from.
-            "image.pullPolicy=Never".to_string(),
-            format!("config.homeRoot={}", self.env("HOME_ROOT")),
-            format!("config.distros.bookworm={}", self.env("DISTRO_IMAGE")),
-            format!("config.customDistroImage={}", self.env("DISTRO_ROOT_IMAGE")),
-        ];
+        self.helm_release(
+            "install",
+            release,
+            namespace,
+            self.env("CHART_VERSION"),
+            extra,
+        )
+    }
+
+    /// `hack/release.sh` of `chart` (a chart directory) as `version` to the cluster's registry,
+    /// with the images of the first release (the same build): what it printed (CHART,
+    /// CHART_DIGEST, the image references).
+    pub fn release(&self, chart: &Path, version: &str) -> Result<BTreeMap<String, String>> {
+        let output = Command::new("bash")
+            .arg(repo_path("hack/release.sh"))
+            .arg(self.env("REGISTRY"))
+            .arg(version)
+            .env("RELEASE_CHART_DIR", chart)
+            .env(
+                "RELEASE_SOURCE_URL",
+                format!("file://{}", repo_path(".").display()),
+            )
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running hack/release.sh")?;
+        if !output.status.success() {
+            bail!("hack/release.sh failed ({})", output.status);
+        }
+        Ok(parse_env(&String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// `helm upgrade --wait` of `release` to `version` of the released chart.
+    pub fn upgrade_chart(
+        &self,
+        release: &str,
+        namespace: &str,
+        version: &str,
+        extra: &[&str],
+    ) -> Result<()> {
+        self.helm_release("upgrade", release, namespace, version, extra)
+    }
+
+    fn helm_release(
+        &self,
+        verb: &str,
+        release: &str,
+        namespace: &str,
+        version: &str,
+        extra: &[&str],
+    ) -> Result<()> {
+        let mut sets = vec![format!("config.homeRoot={}", self.env("HOME_ROOT"))];
         sets.extend(extra.iter().map(|s| s.to_string()));
         let mut command = Command::new(helm()?);
         command
-            .arg("install")
+            .arg(verb)
             .arg(release)
-            .arg(chart_dir())
+            .arg(self.env("CHART"))
+            .args(["--version", version, "--plain-http"])
             .args(["--namespace", namespace, "--create-namespace"])
             .args(["--wait", "--timeout", "3m"])
             .arg(format!("--kubeconfig={}", self.env("KUBECONFIG")));
         for set in &sets {
             command.args(["--set", set]);
         }
-        let output = command.output().context("running helm install")?;
+        let output = command
+            .output()
+            .with_context(|| format!("running helm {verb}"))?;
         if !output.status.success() {
             let pods = self
                 .kubectl_run(&["get", "pods", "-A", "-o", "wide"])
                 .unwrap_or_default();
             bail!(
-                "helm install failed: {}\n{pods}",
+                "helm {verb} failed: {}\n{pods}",
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
@@ -381,14 +428,6 @@ fn parse_env(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `host/repo:tag` → (`host/repo`, `tag`).
-fn split_reference(reference: &str) -> (&str, &str) {
-    match reference.rsplit_once(':') {
-        Some((repository, tag)) if !tag.contains('/') => (repository, tag),
-        _ => (reference, "latest"),
-    }
-}
-
 /// One HTTP/1.0 GET from inside `netns`: the status code and the body.
 pub fn http_get(
     netns: &Netns,
@@ -505,18 +544,6 @@ pub fn write_as_customer(path: &Path, contents: &str, uid: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn references_split_at_the_tag_not_at_a_registry_port() {
-        assert_eq!(
-            split_reference("uwsgi-it.local/uwsgi-it-operator:0.1.0-abc"),
-            ("uwsgi-it.local/uwsgi-it-operator", "0.1.0-abc")
-        );
-        assert_eq!(
-            split_reference("127.0.0.1:5000/operator"),
-            ("127.0.0.1:5000/operator", "latest")
-        );
-    }
 
     #[test]
     fn the_script_output_is_read_as_key_value_lines() {
