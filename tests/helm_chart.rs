@@ -1922,10 +1922,7 @@ fn the_upgrade_hook_applies_this_charts_crds() {
     ] {
         let object = manifests.get(kind, name);
         let annotations = &object["metadata"]["annotations"];
-        assert_eq!(
-            annotations["helm.sh/hook"], "pre-upgrade",
-            "{kind}"
-        );
+        assert_eq!(annotations["helm.sh/hook"], "pre-upgrade", "{kind}");
         assert_eq!(
             annotations["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded",
             "{kind}"
