@@ -116,6 +116,205 @@ fn desired(type_: &'static str, verdict: &Verdict) -> Desired {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use uwsgi_it_api::{Container, CustomDistro, PortMapping};
+    use uwsgi_it_domain::capacity::{PlacementError, Refusal, Resource as Kind, Shortfall};
+    use uwsgi_it_domain::distro::{DistroPathError, DistroRefusal, DistroUseRefusal};
+    use uwsgi_it_domain::identity::ObjectKey;
+    use uwsgi_it_domain::ports::{MappingRefusal, PortRange, Proto};
+
+    /// An object of `kind` whose only condition is `type_=False` with `reason`.
+    fn refused<K: serde::de::DeserializeOwned>(kind: &str, type_: &str, reason: &str) -> K {
+        serde_json::from_value(json!({
+            "apiVersion": "uwsgi.it/v1alpha1", "kind": kind,
+            "metadata": {"name": "x", "namespace": "acme", "generation": 1},
+            "spec": match kind {
+                "Container" => json!({"server": "s1", "memory": 1, "storage": 1, "distro": "bookworm"}),
+                "PortMapping" => json!({"container": "c", "proto": "tcp", "publicPort": 9000, "privatePort": 8000}),
+                _ => json!({"storageContainer": "store", "path": "deb"}),
+            },
+            "status": {"conditions": [{
+                "type": type_, "status": "False", "reason": reason, "message": "m",
+                "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }]},
+        }))
+        .unwrap()
+    }
+
+    fn stalls<K: Summarised>(object: &K) -> bool {
+        object.summary().stalled.is_some()
+    }
+
+    // Whether a refusal needs a person, decided once per variant: an exhaustive match, so a
+    // new variant of a domain refusal does not compile until it is classified here.
+    fn admission_needs_a_person(refusal: &Refusal) -> bool {
+        match refusal {
+            Refusal::InsufficientMemory { .. } | Refusal::InsufficientStorage { .. } => true,
+            Refusal::Placement(p) => match p {
+                PlacementError::UnknownServer { .. }
+                | PlacementError::AmbiguousAddress { .. }
+                | PlacementError::NotOwner { .. } => true,
+                // The Node may be joining.
+                PlacementError::NoNode { .. } => false,
+            },
+        }
+    }
+
+    fn mapping_needs_a_person(refusal: &MappingRefusal) -> bool {
+        match refusal {
+            // The customer may be creating the container, the controller admitting it.
+            MappingRefusal::ContainerNotFound { .. }
+            | MappingRefusal::ContainerNotAdmitted { .. } => false,
+            MappingRefusal::ServerNotOwned { .. }
+            | MappingRefusal::OutOfRange { .. }
+            | MappingRefusal::ReservedPort { .. }
+            | MappingRefusal::PortInUse { .. } => true,
+        }
+    }
+
+    fn distro_needs_a_person(refusal: &DistroRefusal) -> bool {
+        match refusal {
+            DistroRefusal::InvalidPath(_) | DistroRefusal::NotAStorageContainer { .. } => true,
+            DistroRefusal::StorageContainerNotFound { .. }
+            | DistroRefusal::StorageContainerNotAdmitted { .. } => false,
+        }
+    }
+
+    fn distro_use_needs_a_person(refusal: &DistroUseRefusal) -> bool {
+        match refusal {
+            DistroUseRefusal::StorageContainer { .. }
+            | DistroUseRefusal::OtherCustomer { .. }
+            | DistroUseRefusal::OtherServer { .. } => true,
+            // Waiting for the distro to be made, accepted, or the container placed.
+            DistroUseRefusal::DistroNotFound { .. }
+            | DistroUseRefusal::DistroNotAccepted { .. }
+            | DistroUseRefusal::ServerUnknown { .. } => false,
+        }
+    }
+
+    #[test]
+    fn every_domain_refusal_stalls_exactly_when_only_a_person_can_fix_it() {
+        let short = |resource| Shortfall {
+            resource,
+            free_mb: 0,
+            requested_mb: 1,
+            overcommitted: None,
+        };
+        let s = || "s".to_string();
+        let admissions = [
+            Refusal::InsufficientMemory {
+                server: s(),
+                memory: short(Kind::Memory),
+                storage: None,
+                kept: None,
+            },
+            Refusal::InsufficientStorage {
+                server: s(),
+                storage: short(Kind::Storage),
+                kept: None,
+            },
+            Refusal::Placement(PlacementError::UnknownServer { server: s() }),
+            Refusal::Placement(PlacementError::NoNode { server: s() }),
+            Refusal::Placement(PlacementError::AmbiguousAddress {
+                address: s(),
+                servers: vec![],
+            }),
+            Refusal::Placement(PlacementError::NotOwner {
+                customer: s(),
+                server: s(),
+            }),
+        ];
+        for refusal in &admissions {
+            let container: Container = refused("Container", "Admitted", refusal.reason());
+            assert_eq!(
+                stalls(&container),
+                admission_needs_a_person(refusal),
+                "Admitted=False ({})",
+                refusal.reason()
+            );
+        }
+        let range = PortRange::single(9000).unwrap();
+        let mappings = [
+            MappingRefusal::ContainerNotFound { container: s() },
+            MappingRefusal::ContainerNotAdmitted { container: s() },
+            MappingRefusal::ServerNotOwned {
+                namespace: s(),
+                server: s(),
+            },
+            MappingRefusal::OutOfRange {
+                port: 80,
+                allowed: range,
+            },
+            MappingRefusal::ReservedPort {
+                port: 9000,
+                entry: range,
+            },
+            MappingRefusal::PortInUse {
+                server: s(),
+                proto: Proto::Tcp,
+                port: 9000,
+                holder: ObjectKey::new(0, "acme", "web"),
+                same_customer: false,
+            },
+        ];
+        for refusal in &mappings {
+            let mapping: PortMapping = refused("PortMapping", "Accepted", refusal.reason());
+            assert_eq!(
+                stalls(&mapping),
+                mapping_needs_a_person(refusal),
+                "Accepted=False ({})",
+                refusal.reason()
+            );
+        }
+        let distros = [
+            DistroRefusal::InvalidPath(DistroPathError::Empty),
+            DistroRefusal::StorageContainerNotFound { container: s() },
+            DistroRefusal::NotAStorageContainer { container: s() },
+            DistroRefusal::StorageContainerNotAdmitted { container: s() },
+        ];
+        for refusal in &distros {
+            let distro: CustomDistro = refused("CustomDistro", "Accepted", refusal.reason());
+            assert_eq!(
+                stalls(&distro),
+                distro_needs_a_person(refusal),
+                "Accepted=False ({})",
+                refusal.reason()
+            );
+        }
+        let uses = [
+            DistroUseRefusal::StorageContainer { container: s() },
+            DistroUseRefusal::DistroNotFound { distro: s() },
+            DistroUseRefusal::OtherCustomer { distro: s() },
+            DistroUseRefusal::DistroNotAccepted {
+                distro: s(),
+                why: DistroRefusal::StorageContainerNotFound { container: s() },
+            },
+            DistroUseRefusal::ServerUnknown { container: s() },
+            DistroUseRefusal::OtherServer {
+                distro: s(),
+                distro_server: s(),
+                container: s(),
+                container_server: s(),
+            },
+        ];
+        for refusal in &uses {
+            // The Running condition of a container (Admitted and the home fine, as they are
+            // before a workload is built).
+            let mut container: Container = refused("Container", "Running", refusal.reason());
+            let status = container.status.as_mut().unwrap();
+            for fine in ["Admitted", "HomeReady"] {
+                let mut c = status.conditions[0].clone();
+                c.type_ = fine.into();
+                c.status = "True".into();
+                status.conditions.push(c);
+            }
+            assert_eq!(
+                stalls(&container),
+                distro_use_needs_a_person(refusal),
+                "Running=False ({})",
+                refusal.reason()
+            );
+        }
+    }
 
     fn summary(ready: bool, stalled: bool) -> Summary {
         let verdict = |status| Verdict {
