@@ -7,6 +7,8 @@
 #                                 as Flux and Helm 4's --wait read it            UWSGI_IT_KSTATUS
 #   hack/go-tool.sh alertcheck    Prometheus' rule parser and PromQL engine
 #                                 (hack/alertcheck): the chart's alerts         UWSGI_IT_ALERTCHECK
+#   hack/go-tool.sh fluxhealth    Flux's healthCheckExprs evaluator (github.com/fluxcd/pkg/
+#                                 runtime/cel, hack/fluxhealth)                UWSGI_IT_FLUXHEALTH
 #   hack/go-tool.sh registry      the CNCF distribution registry (hack/oci-tools)
 #   hack/go-tool.sh crane         go-containerregistry's crane (hack/oci-tools): pushes images
 #
@@ -14,9 +16,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-name=${1:?usage: hack/go-tool.sh kstatus|alertcheck|registry|crane}
+name=${1:?usage: hack/go-tool.sh kstatus|alertcheck|fluxhealth|registry|crane}
 case $name in
-  kstatus | alertcheck) dir=$name package=. ;;
+  kstatus | alertcheck | fluxhealth) dir=$name package=. ;;
   registry) dir=oci-tools package=github.com/distribution/distribution/v3/cmd/registry ;;
   crane) dir=oci-tools package=github.com/google/go-containerregistry/cmd/crane ;;
   *) echo "[go-tool] unknown tool $name" >&2; exit 2 ;;

@@ -22,6 +22,9 @@ export UWSGI_IT_KSTATUS
 # Prometheus' rule parser and PromQL engine: the chart's alerts, checked and evaluated on scrapes.
 UWSGI_IT_ALERTCHECK=$(bash hack/go-tool.sh alertcheck)
 export UWSGI_IT_ALERTCHECK
+# Flux's healthCheckExprs evaluator (github.com/fluxcd/pkg/runtime/cel): the shipped expressions.
+UWSGI_IT_FLUXHEALTH=$(bash hack/go-tool.sh fluxhealth)
+export UWSGI_IT_FLUXHEALTH
 
 # The real cluster (tests/real_cluster.rs): kubelet, kube-proxy, kube-scheduler, containerd,
 # and the images it runs (the release binary, the platform distro, the pause image).

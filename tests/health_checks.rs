@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use uwsgi_it_testbed::health::{argo_health, argo_health_script};
+use uwsgi_it_testbed::health::{argo_health, argo_health_script, flux_health, kstatus};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -105,4 +105,51 @@ fn the_argocd_cm_snippet_holds_the_check_for_every_kind() {
     for (key, value) in &patch.data {
         assert_eq!(value, &script, "{key} differs from health.lua");
     }
+}
+
+/// The same fixtures through Flux's own evaluator with the shipped `healthCheckExprs`, and
+/// through kstatus: all three tools read each object alike (Healthy = Current, Degraded =
+/// Failed, Progressing = InProgress).
+#[test]
+fn flux_and_kstatus_read_the_fixtures_as_argo_cd_does() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("health/argocd");
+    let fixtures: Fixtures =
+        serde_saphyr::from_str(&std::fs::read_to_string(dir.join("health_test.yaml")).unwrap())
+            .expect("health_test.yaml");
+    let objects: Vec<serde_json::Value> = fixtures
+        .tests
+        .iter()
+        .map(|f| {
+            serde_saphyr::from_str(&std::fs::read_to_string(dir.join(&f.input_path)).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let flux = flux_health(&objects).expect("Flux's evaluator");
+    let kstatus = kstatus(&objects).expect("kstatus");
+    let mut failures = Vec::new();
+    for (i, fixture) in fixtures.tests.iter().enumerate() {
+        let wanted = match fixture.health_status.status.as_str() {
+            "Healthy" => "Current",
+            "Degraded" => "Failed",
+            "Progressing" => "InProgress",
+            other => panic!("{}: unexpected Argo CD status {other}", fixture.input_path),
+        };
+        // Flux's expressions cannot be evaluated on an object without status (no such
+        // attribute): its status reader says Unknown and polls again, which is progress too.
+        // kstatus reads an object with no status at all (not seen by the operator yet) as
+        // Current: it has nothing to look at. No status can be written before the controller
+        // sees the object, so that moment is kstatus' limit, not a state the operator reports.
+        let unreported = objects[i].get("status").is_none();
+        let flux_ok =
+            flux[i] == wanted || (wanted == "InProgress" && flux[i] == "Unknown" && unreported);
+        let kstatus_ok = kstatus[i].status == wanted
+            || (wanted == "InProgress" && kstatus[i].status == "Current" && unreported);
+        if !flux_ok || !kstatus_ok {
+            failures.push(format!(
+                "{}: Argo CD {}, Flux {}, kstatus {} (wanted {wanted})",
+                fixture.input_path, fixture.health_status.status, flux[i], kstatus[i].status
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

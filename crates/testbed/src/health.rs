@@ -2,6 +2,9 @@
 //!
 //! - kstatus (`sigs.k8s.io/cli-utils`: Flux, Helm 4's `--wait`, kpt), the Go program
 //!   `hack/kstatus` built by `hack/go-tool.sh kstatus` and found through `UWSGI_IT_KSTATUS`;
+//! - Flux's `healthCheckExprs` as this project ships them (`health/flux/kustomization.yaml`),
+//!   evaluated by Flux's own code (`hack/fluxhealth`, built by `hack/go-tool.sh fluxhealth`,
+//!   found through `UWSGI_IT_FLUXHEALTH`);
 //! - the Argo CD health check this project ships (`health/argocd/health.lua`), run by Lua 5.1
 //!   (Argo CD's gopher-lua is a Lua 5.1) with the standard libraries Argo CD withholds from
 //!   argocd-cm scripts removed.
@@ -45,6 +48,29 @@ pub fn kstatus(objects: &[Value]) -> Result<Vec<KStatus>> {
                 status: status.into(),
                 message: message.into(),
             })
+        })
+        .collect()
+}
+
+/// The shipped Flux Kustomization with the `healthCheckExprs` of every kind.
+pub fn flux_health_checks() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../health/flux/kustomization.yaml")
+}
+
+/// What Flux's kustomize-controller says of each object (`Current`, `InProgress`, `Failed`;
+/// `Unknown` while it has no status to evaluate) with the shipped `healthCheckExprs`, in order.
+pub fn flux_health(objects: &[Value]) -> Result<Vec<String>> {
+    let binary = std::env::var_os("UWSGI_IT_FLUXHEALTH")
+        .map(PathBuf::from)
+        .context("UWSGI_IT_FLUXHEALTH is not set: run `export UWSGI_IT_FLUXHEALTH=$(hack/go-tool.sh fluxhealth)` (hack/test.sh does)")?;
+    let checks = flux_health_checks();
+    let checks = checks.to_str().context("a path that is not UTF-8")?;
+    let output = run(&binary, &[checks], &serde_json::to_vec(objects)?)?;
+    output
+        .lines()
+        .map(|line| match line.splitn(4, '\t').collect::<Vec<_>>()[..] {
+            [_, _, status, _] => Ok(status.to_string()),
+            _ => bail!("fluxhealth printed {line:?}"),
         })
         .collect()
 }
