@@ -642,6 +642,38 @@ async fn homes_follow_their_containers_with_written_controller_status() {
     .await;
     assert_eq!(quota.reason, "QuotaThresholdReached");
     assert!(quota.message.contains("of 1 MB"), "{quota:?}");
+    let used = |c: &uwsgi_it_api::Container| c.status.as_ref().and_then(|s| s.storage_used);
+    let measured = world.containers().get("web").await.unwrap();
+    assert_eq!(used(&measured), Some(1), "700 KiB is 1 MB, rounded up");
+    // An edit that changes neither storage nor quotaThreshold: the agent's conditions say the
+    // new generation (the last measurement reported again, the home not walked for it) and
+    // storageUsed stays.
+    world
+        .containers()
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"note": "a note changes nothing on the node"}})),
+        )
+        .await
+        .unwrap();
+    let generation = world
+        .containers()
+        .get("web")
+        .await
+        .unwrap()
+        .metadata
+        .generation;
+    let again = condition_where(&world.containers(), "web", "StorageWithinQuota", |c| {
+        c.observed_generation == generation
+    })
+    .await;
+    assert_eq!(again.reason, "QuotaThresholdReached", "{again:?}");
+    assert_eq!(
+        used(&world.containers().get("web").await.unwrap()),
+        Some(1),
+        "storageUsed is kept across writes that carry no new measurement"
+    );
 
     // Deletion while the workload still runs: the home stays until the controller says Stopped.
     write_container_status_as_controller(
