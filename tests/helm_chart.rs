@@ -1300,6 +1300,29 @@ async fn controller_and_agent_have_least_privilege() {
             ),
             false,
         ),
+        // Watched, to hold back what another customer could still read.
+        (
+            &controller,
+            ask(
+                "watch",
+                "rbac.authorization.k8s.io",
+                "clusterroles",
+                None,
+                None,
+            ),
+            true,
+        ),
+        (
+            &controller,
+            ask(
+                "list",
+                "rbac.authorization.k8s.io",
+                "clusterrolebindings",
+                None,
+                None,
+            ),
+            false,
+        ),
         // The ledger is replaced under a precondition, never patched; the spec is the supplier's.
         (
             &controller,

@@ -25,7 +25,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 use uwsgi_it_api::condition::{self, ADMITTED, HasConditions, READY};
-use uwsgi_it_api::well_known::CONTROLLER_FINALIZER;
+use uwsgi_it_api::well_known::{CONTROLLER_FINALIZER, CUSTOMER_LABEL};
 use uwsgi_it_api::{Capacity, Container, Customer, LedgerEntry, Reservation, Server, ServerStatus};
 use uwsgi_it_domain::capacity::{
     Admission, Candidate, Change, Outcome, PlacementError, Resources, ServerFacts, Usage, admit,
@@ -137,6 +137,14 @@ fn has_finalizer(container: &Container) -> bool {
         .any(|f| f == CONTROLLER_FINALIZER)
 }
 
+/// The Customer a namespace belongs to: the earliest live one claiming it.
+fn owner_of<'a>(customers: &'a [Arc<Customer>], namespace: &str) -> Option<&'a Arc<Customer>> {
+    customers
+        .iter()
+        .filter(|c| c.namespace_name() == namespace && c.metadata.deletion_timestamp.is_none())
+        .min_by_key(|c| key_of(c.as_ref()))
+}
+
 /// Whether the Customer whose namespace holds the container owns `server`. Several Customers
 /// claiming one namespace: the earliest keeps it (the Customer reconciler refuses the others).
 pub fn ownership(
@@ -144,11 +152,7 @@ pub fn ownership(
     namespace: &str,
     server: &str,
 ) -> Option<PlacementError> {
-    let owner = customers
-        .iter()
-        .filter(|c| c.namespace_name() == namespace && c.metadata.deletion_timestamp.is_none())
-        .min_by_key(|c| key_of(c.as_ref()));
-    match owner {
+    match owner_of(customers, namespace) {
         Some(customer) => check_owner(&customer.name_any(), &customer.spec.servers, server).err(),
         None => Some(PlacementError::NotOwner {
             customer: format!("(no Customer has namespace {namespace})"),
@@ -165,8 +169,12 @@ struct Resolved {
     node: Option<Arc<Node>>,
     /// The containers placed on the server or named by its ledger, by object uid.
     containers: BTreeMap<String, Arc<Container>>,
-    /// Why a container may get nothing new (ownership, missing Node), by object uid.
+    /// Why a container may get nothing new (ownership, missing Node, another customer's read
+    /// access), by object uid.
     blocked: HashMap<String, PlacementError>,
+    /// Some container waits for another customer's read access to this Server to be withdrawn
+    /// (the pass runs again soon: that withdrawal is not an event it watches).
+    waiting_for_readers: bool,
 }
 
 /// Reconciles one Server: one admission pass, committed, projected and reported.
@@ -183,11 +191,17 @@ pub async fn reconcile(server: Arc<Server>, ctx: Arc<Context>) -> Result<Action,
     if pass.waiting_for_uids {
         return Ok(Action::requeue(UID_RETRY));
     }
+    if pass.waiting_for_readers {
+        return Ok(Action::requeue(READER_RETRY));
+    }
     Ok(Action::requeue(RESYNC))
 }
 
 /// How soon a pass that could hand out no uid runs again.
 const UID_RETRY: Duration = Duration::from_secs(5);
+
+/// How soon a pass that waits for another customer's read access to be withdrawn runs again.
+const READER_RETRY: Duration = Duration::from_millis(500);
 
 /// A committed pass: the ledger revision written (or found current) and what each container's
 /// status should say about it.
@@ -196,6 +210,7 @@ pub struct Committed {
     admission: Admission,
     projections: Vec<(Arc<Container>, AdmissionRecord, Option<Change>)>,
     waiting_for_uids: bool,
+    waiting_for_readers: bool,
 }
 
 /// Runs read → decide → compare-and-swap until a revision is committed (or found current).
@@ -248,7 +263,10 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
         let server = resolved.server.clone();
         if server.status.as_ref() == Some(&status) {
             drop(timer);
-            return Ok(Some(plan.into_committed(server, &ctx.config.home_root)));
+            return Ok(Some(Committed {
+                waiting_for_readers: resolved.waiting_for_readers,
+                ..plan.into_committed(server, &ctx.config.home_root)
+            }));
         }
         let mut next = server.clone();
         next.status = Some(status);
@@ -260,7 +278,10 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
                 ctx.metrics.status_written();
                 debug!(server = name, revision = ?written.resource_version(), "ledger committed");
                 drop(timer);
-                return Ok(Some(plan.into_committed(written, &ctx.config.home_root)));
+                return Ok(Some(Committed {
+                    waiting_for_readers: resolved.waiting_for_readers,
+                    ..plan.into_committed(written, &ctx.config.home_root)
+                }));
             }
             // Someone else committed first (or our own earlier write landed and its reply was
             // lost): decide again on the new revision.
@@ -366,14 +387,36 @@ async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
     }
 
     let customers = ctx.customers.state();
+    // The customers whose reader ClusterRole lets them read this Server (the Server was only
+    // theirs): the ledger would show them another customer's containers, so nothing of anyone
+    // else's is placed here until their access is withdrawn (the Customer reconciler does that
+    // once the Server is shared). Ordered this way, a customer never reads another's entry.
+    let readers: Vec<String> = ctx
+        .reader_index
+        .get(&crate::context::server_key(&name))
+        .iter()
+        .filter_map(|role| ctx.readers.get(role))
+        .filter_map(|role| role.labels().get(CUSTOMER_LABEL).cloned())
+        .collect();
     let mut blocked = HashMap::new();
+    let mut waiting_for_readers = false;
     for (uid, container) in &containers {
         let namespace = container.namespace().unwrap_or_default();
-        let problem = ownership(&customers, &namespace, &name).or_else(|| {
-            node.is_none().then(|| PlacementError::NoNode {
-                server: name.clone(),
+        let problem = ownership(&customers, &namespace, &name)
+            .or_else(|| {
+                node.is_none().then(|| PlacementError::NoNode {
+                    server: name.clone(),
+                })
             })
-        });
+            .or_else(|| {
+                let owner = owner_of(&customers, &namespace)?.name_any();
+                let reader = readers.iter().find(|reader| **reader != owner)?;
+                waiting_for_readers = true;
+                Some(PlacementError::ReaderNotWithdrawn {
+                    server: name.clone(),
+                    reader: reader.clone(),
+                })
+            });
         if let Some(problem) = problem {
             blocked.insert(uid.clone(), problem);
         }
@@ -384,6 +427,7 @@ async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
         node,
         containers,
         blocked,
+        waiting_for_readers,
     })
 }
 
@@ -723,6 +767,7 @@ impl Plan {
             admission: self.admission,
             projections,
             waiting_for_uids: !self.unassigned.is_empty(),
+            waiting_for_readers: false,
         }
     }
 }

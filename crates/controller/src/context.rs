@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Event;
 use kube::runtime::reflector::Store;
@@ -58,6 +59,10 @@ pub struct Context {
     pub mappings: Store<PortMapping>,
     /// Cache of CustomDistros.
     pub distros: Store<CustomDistro>,
+    /// Cache of the Customers' reader ClusterRoles (`uwsgi-it-customer-<name>`).
+    pub readers: Store<ClusterRole>,
+    /// Reader ClusterRoles by the Servers they let read ([`server_key`]).
+    pub reader_index: Arc<Index<ClusterRole>>,
     /// Event recorder (events.k8s.io).
     pub recorder: crate::events::Publisher,
     /// Containers whose reservation this controller released.
@@ -110,6 +115,21 @@ pub fn server_keys(server: &Server) -> Vec<String> {
         .collect()
 }
 
+/// The index keys of a Customer's reader ClusterRole: the Servers it lets read.
+pub fn reader_keys(role: &ClusterRole) -> Vec<String> {
+    role.rules
+        .iter()
+        .flatten()
+        .filter(|rule| {
+            rule.resources
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|r| r == "servers"))
+        })
+        .flat_map(|rule| rule.resource_names.iter().flatten())
+        .map(|server| server_key(server))
+        .collect()
+}
+
 /// The index keys of a CustomDistro: its namespace.
 pub fn distro_keys(distro: &CustomDistro) -> Vec<String> {
     vec![namespace_key(&distro.namespace().unwrap_or_default())]
@@ -159,6 +179,8 @@ impl Context {
             customers: stores.customers,
             mappings: stores.mappings,
             distros: stores.distros,
+            readers: stores.readers,
+            reader_index: stores.reader_index,
             recorder,
             released: Released::default(),
             ports: PortState::default(),
@@ -253,4 +275,8 @@ pub struct Stores {
     pub mappings: Store<PortMapping>,
     /// CustomDistros.
     pub distros: Store<CustomDistro>,
+    /// The Customers' reader ClusterRoles.
+    pub readers: Store<ClusterRole>,
+    /// The index of reader ClusterRoles.
+    pub reader_index: Arc<Index<ClusterRole>>,
 }

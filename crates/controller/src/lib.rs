@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
@@ -280,6 +281,7 @@ struct SharedWatch<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
     store: reflector::Store<K>,
     writer: reflector::store::Writer<K>,
     subscribers: Vec<futures::channel::mpsc::Sender<Arc<K>>>,
+    config: watcher::Config,
 }
 
 impl<K> SharedWatch<K>
@@ -301,7 +303,14 @@ where
             store,
             writer,
             subscribers: Vec::new(),
+            config: watcher::Config::default(),
         }
+    }
+
+    /// Watches only the objects with these labels.
+    fn labelled(mut self, selector: &str) -> Self {
+        self.config = self.config.labels(selector);
+        self
     }
 
     /// A stream of the objects the watch sees (applied or relisted), for one controller. A
@@ -319,7 +328,7 @@ where
         let subscribers = self.subscribers;
         let stream = reflector::reflector(
             self.writer,
-            watcher(self.api, watcher::Config::default())
+            watcher(self.api, self.config)
                 .default_backoff()
                 .modify(self.modify),
         );
@@ -418,6 +427,20 @@ impl Controllers {
         );
         let mut customer_watch = SharedWatch::new(Api::<Customer>::all(client.clone()), trim, None);
         let mut node_watch = SharedWatch::new(Api::<Node>::all(client.clone()), trim_node, None);
+        // The Customers' reader ClusterRoles: a Server another customer may still read gets
+        // nothing new of this customer's (see admission).
+        let reader_index = Arc::new(index::Index::new(context::reader_keys));
+        let reader_watch = SharedWatch::new(
+            Api::<ClusterRole>::all(client.clone()),
+            trim,
+            Some(Arc::clone(&reader_index)),
+        )
+        .labelled(&format!(
+            "{}={},{}",
+            workload::MANAGED_BY.0,
+            workload::MANAGED_BY.1,
+            uwsgi_it_api::well_known::CUSTOMER_LABEL
+        ));
         let mapping_index = Arc::new(index::Index::new(context::mapping_keys));
         let mut mapping_watch = SharedWatch::new(
             Api::<PortMapping>::all(client.clone()),
@@ -583,6 +606,8 @@ impl Controllers {
                 customers: customer_store,
                 mappings: mapping_store,
                 distros: distro_store,
+                readers: reader_watch.store.clone(),
+                reader_index,
             },
             events::Publisher::new(
                 client.clone(),
@@ -609,6 +634,7 @@ impl Controllers {
                 server_watch.run(),
                 customer_watch.run(),
                 node_watch.run(),
+                reader_watch.run(),
             ],
             context,
             concurrency: options.concurrency,
@@ -625,6 +651,7 @@ impl Controllers {
                 ready_store(&ctx.servers).await?;
                 ready_store(&ctx.customers).await?;
                 ready_store(&ctx.mappings).await?;
+                ready_store(&ctx.readers).await?;
                 ready_store(&ctx.distros).await
             };
             match synced.await {

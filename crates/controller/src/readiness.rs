@@ -153,8 +153,8 @@ mod tests {
                 PlacementError::UnknownServer { .. }
                 | PlacementError::AmbiguousAddress { .. }
                 | PlacementError::NotOwner { .. } => true,
-                // The Node may be joining.
-                PlacementError::NoNode { .. } => false,
+                // The Node may be joining; the other customer's read access is being withdrawn.
+                PlacementError::NoNode { .. } | PlacementError::ReaderNotWithdrawn { .. } => false,
             },
         }
     }
@@ -221,6 +221,10 @@ mod tests {
             Refusal::Placement(PlacementError::NotOwner {
                 customer: s(),
                 server: s(),
+            }),
+            Refusal::Placement(PlacementError::ReaderNotWithdrawn {
+                server: s(),
+                reader: s(),
             }),
         ];
         for refusal in &admissions {

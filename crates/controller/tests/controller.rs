@@ -977,14 +977,43 @@ async fn a_customer_reads_its_own_customer_and_the_servers_only_it_owns_and_noth
         erin_servers.get("reader-2")
     })
     .await;
+    // It joins again and at once puts a container there: the container is admitted only once
+    // erin may no longer read reader-2, whose ledger would name it.
+    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
+    let erin_reads = |role: &k8s_openapi::api::rbac::v1::ClusterRole| {
+        role.rules.iter().flatten().any(|rule| {
+            rule.resource_names
+                .iter()
+                .flatten()
+                .any(|name| name == "reader-2")
+        })
+    };
+    assert!(erin_reads(
+        &roles.get("uwsgi-it-customer-reader").await.unwrap()
+    ));
     set_servers(json!(["reader-2", "reader-3"])).await;
+    let frank_containers: Api<Container> = Api::namespaced(admin.clone(), "other-reader");
+    frank_containers
+        .create(
+            &PostParams::default(),
+            &container(
+                "joins-shared",
+                json!({"server": "reader-2", "memory": 100, "storage": 100}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(&frank_containers, "joins-shared", admitted).await;
+    assert!(
+        !erin_reads(&roles.get("uwsgi-it-customer-reader").await.unwrap()),
+        "frank's container was admitted to reader-2 while erin's role still let her read it"
+    );
     eventually_forbidden("erin reading reader-2 once it is shared again", || {
         erin_servers.get("reader-2")
     })
     .await;
 
     // Deleting the Customer takes its readers with it (owner references).
-    let roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(admin.clone());
     let role = roles.get("uwsgi-it-customer-reader").await.unwrap();
     assert_eq!(
         role.metadata.owner_references.unwrap()[0].name,

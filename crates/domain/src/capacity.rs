@@ -286,6 +286,17 @@ pub enum PlacementError {
         /// The Server's name.
         server: String,
     },
+    /// The server was only another customer's and that customer may still read it (its ledger
+    /// would name this container): nothing new is placed there until that read is withdrawn.
+    #[error(
+        "server {server} is becoming shared: customer {reader} can still read it; waiting until that read access is withdrawn"
+    )]
+    ReaderNotWithdrawn {
+        /// The Server's name.
+        server: String,
+        /// The Customer that may still read it.
+        reader: String,
+    },
 }
 
 impl PlacementError {
@@ -296,6 +307,7 @@ impl PlacementError {
             PlacementError::NoNode { .. } => "NodeMissing",
             PlacementError::AmbiguousAddress { .. } => "AmbiguousServer",
             PlacementError::NotOwner { .. } => "ServerNotOwned",
+            PlacementError::ReaderNotWithdrawn { .. } => "WaitingForSharedServer",
         }
     }
 }
