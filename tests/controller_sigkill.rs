@@ -64,7 +64,7 @@ async fn a_controller_killed_at_random_points_never_oversells_nor_reuses_a_uid()
     let _last = ControllerProcess::start(plane, &system, &config, "last");
     let settled = settled(&client, "burst").await;
     assert_eq!(settled.len(), KILLS * 3);
-    assert_consistent(&client, &settled).await;
+    let settled = assert_consistent(&client, &settled).await;
     let mut uids = HashSet::new();
     for server in &servers {
         let reserved: i64 = settled

@@ -107,7 +107,7 @@ async fn two_acting_leaders_one_repeatedly_frozen_never_oversell_nor_reuse_a_uid
         steady.alive() && frozen.alive(),
         "a controller died on its own"
     );
-    assert_consistent(&client, &settled).await;
+    let settled = assert_consistent(&client, &settled).await;
     let findings = auditor.finish().await;
     let admitted = settled
         .iter()

@@ -451,13 +451,37 @@ pub async fn settled(client: &Client, namespace: &str) -> Vec<Container> {
 }
 
 /// The final state agrees with itself: every admitted container has the ledger entry its
-/// status shows, and nothing else holds a reservation.
-pub async fn assert_consistent(client: &Client, containers: &[Container]) {
-    let servers = Api::<Server>::all(client.clone())
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items;
+/// status shows, and nothing else holds a reservation. Read again until it does (within
+/// [`SETTLE`]): a container refused earlier may be admitted by the pass a last release starts,
+/// between one read of the containers and the next of the ledgers; what must never happen is a
+/// state that stays inconsistent. Returns the containers of the consistent snapshot.
+pub async fn assert_consistent(client: &Client, containers: &[Container]) -> Vec<Container> {
+    let namespace = containers
+        .first()
+        .and_then(|c| c.namespace())
+        .unwrap_or_default();
+    let deadline = Instant::now() + SETTLE;
+    let mut containers = containers.to_vec();
+    loop {
+        let servers = Api::<Server>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items;
+        let Some(problem) = inconsistency(&servers, &containers, &namespace) else {
+            return containers;
+        };
+        assert!(
+            Instant::now() < deadline,
+            "still inconsistent after {SETTLE:?}: {problem}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        containers = settled(client, &namespace).await;
+    }
+}
+
+/// What in this snapshot disagrees with itself, if anything.
+fn inconsistency(servers: &[Server], containers: &[Container], namespace: &str) -> Option<String> {
     let entries: HashMap<String, (String, uwsgi_it_api::LedgerEntry)> = servers
         .iter()
         .flat_map(|s| {
@@ -467,47 +491,50 @@ pub async fn assert_consistent(client: &Client, containers: &[Container]) {
         })
         .collect();
     for c in containers {
-        let status = c.status.as_ref().unwrap();
-        let object = c.metadata.uid.clone().unwrap();
+        let name = c.name_any();
+        let Some(status) = c.status.as_ref() else {
+            return Some(format!("{name}: no status"));
+        };
+        let object = c.metadata.uid.clone().unwrap_or_default();
         match (&status.reserved, entries.get(&object)) {
             (Some(reserved), Some((server, entry))) => {
-                assert_eq!(
-                    status.server.as_deref(),
-                    Some(server.as_str()),
-                    "{}",
-                    c.name_any()
-                );
-                assert_eq!(status.uid, Some(entry.uid), "{}", c.name_any());
-                assert_eq!(
-                    (reserved.memory, reserved.storage),
-                    (entry.memory, entry.storage),
-                    "{}: status and ledger disagree",
-                    c.name_any()
-                );
+                if status.server.as_deref() != Some(server.as_str()) {
+                    return Some(format!(
+                        "{name}: status server {:?}, ledger on {server}",
+                        status.server
+                    ));
+                }
+                if status.uid != Some(entry.uid) {
+                    return Some(format!(
+                        "{name}: status uid {:?}, ledger uid {}",
+                        status.uid, entry.uid
+                    ));
+                }
+                if (reserved.memory, reserved.storage) != (entry.memory, entry.storage) {
+                    return Some(format!(
+                        "{name}: status and ledger disagree: {reserved:?} vs {entry:?}"
+                    ));
+                }
             }
             (None, None) => {}
-            (status, entry) => panic!(
-                "{}: status reserved {status:?} but ledger entry {entry:?}",
-                c.name_any()
-            ),
+            (status, entry) => {
+                return Some(format!(
+                    "{name}: status reserved {status:?} but ledger entry {entry:?}"
+                ));
+            }
         }
     }
     let live: std::collections::HashSet<String> = containers
         .iter()
         .filter_map(|c| c.metadata.uid.clone())
         .collect();
-    for (object, (server, entry)) in &entries {
-        if entry.namespace
-            == containers
-                .first()
-                .and_then(|c| c.namespace())
-                .unwrap_or_default()
-        {
-            assert!(
-                live.contains(object),
+    entries
+        .iter()
+        .find(|(object, (_, entry))| entry.namespace == namespace && !live.contains(*object))
+        .map(|(_, (server, entry))| {
+            format!(
                 "server {server} still reserves for {}, which is gone",
                 entry.name
-            );
-        }
-    }
+            )
+        })
 }
