@@ -409,6 +409,10 @@ async fn resolve(ctx: &Context, server: Server) -> Result<Resolved, Error> {
                 })
             })
             .or_else(|| {
+                // The common case, no reader of this Server: no second walk of the Customers.
+                if readers.is_empty() {
+                    return None;
+                }
                 let owner = owner_of(&customers, &namespace)?.name_any();
                 let reader = readers.iter().find(|reader| **reader != owner)?;
                 waiting_for_readers = true;
