@@ -679,7 +679,8 @@ fn main() -> Result<()> {
         })?;
         drop(plane);
         eprintln!(
-            "admission bench: N = {n}, floor ({} writes) on a fresh control plane",
+            "admission bench: N = {n}, controller peak RSS {:.1} MiB; floor ({} writes) on a fresh control plane",
+            run.peak_rss_kib as f64 / 1024.0,
             run.writes
         );
         let plane = Plane::start()?;

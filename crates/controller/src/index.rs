@@ -7,10 +7,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kube::Resource;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, ObjectRefExtra};
 use kube::runtime::watcher;
 
 /// References to objects by the keys a function gives each of them.
@@ -19,11 +19,17 @@ pub struct Index<K: Resource<DynamicType = ()>> {
     state: Mutex<State<K>>,
 }
 
+/// One reference per object, shared by every place that holds it, without the uid and
+/// resourceVersion a reference made from an object carries (neither is part of its identity):
+/// at 50,000 containers the index is the largest cache after the store itself.
+type SharedRef<K> = Arc<ObjectRef<K>>;
+
 struct State<K: Resource<DynamicType = ()>> {
-    by_key: HashMap<String, HashSet<ObjectRef<K>>>,
-    keys: HashMap<ObjectRef<K>, Vec<String>>,
+    /// Keys are shared too: many objects have the same (a namespace, a server).
+    by_key: HashMap<Arc<str>, HashSet<SharedRef<K>>>,
+    keys: HashMap<SharedRef<K>, Box<[Arc<str>]>>,
     /// The objects a relist in progress has mentioned so far.
-    relisted: Option<HashSet<ObjectRef<K>>>,
+    relisted: Option<HashSet<SharedRef<K>>>,
 }
 
 impl<K> Index<K>
@@ -49,15 +55,14 @@ where
         match event {
             watcher::Event::Init => state.relisted = Some(HashSet::new()),
             watcher::Event::InitApply(object) => {
-                let reference = ObjectRef::from_obj(object);
+                let reference = state.put(bare_ref(object), (self.keys_of)(object));
                 if let Some(seen) = state.relisted.as_mut() {
-                    seen.insert(reference.clone());
+                    seen.insert(reference);
                 }
-                state.put(reference, (self.keys_of)(object));
             }
             watcher::Event::InitDone => {
                 if let Some(seen) = state.relisted.take() {
-                    let gone: Vec<ObjectRef<K>> = state
+                    let gone: Vec<SharedRef<K>> = state
                         .keys
                         .keys()
                         .filter(|r| !seen.contains(*r))
@@ -69,9 +74,9 @@ where
                 }
             }
             watcher::Event::Apply(object) => {
-                state.put(ObjectRef::from_obj(object), (self.keys_of)(object));
+                state.put(bare_ref(object), (self.keys_of)(object));
             }
-            watcher::Event::Delete(object) => state.remove(&ObjectRef::from_obj(object)),
+            watcher::Event::Delete(object) => state.remove(&bare_ref(object)),
         }
     }
 
@@ -81,9 +86,16 @@ where
         state
             .by_key
             .get(key)
-            .map(|refs| refs.iter().cloned().collect())
+            .map(|refs| refs.iter().map(|r| ObjectRef::clone(r)).collect())
             .unwrap_or_default()
     }
+}
+
+/// The reference to `object`: kind, namespace and name only.
+pub(crate) fn bare_ref<K: Resource<DynamicType = ()>>(object: &K) -> ObjectRef<K> {
+    let mut reference = ObjectRef::from_obj(object);
+    reference.extra = ObjectRefExtra::default();
+    reference
 }
 
 impl<K> State<K>
@@ -91,18 +103,33 @@ where
     K: Resource<DynamicType = ()>,
     ObjectRef<K>: Hash + Eq,
 {
-    fn put(&mut self, reference: ObjectRef<K>, keys: Vec<String>) {
-        if self.keys.get(&reference) == Some(&keys) {
-            return;
+    /// Files `reference` under exactly `keys`; returns the shared reference.
+    fn put(&mut self, reference: ObjectRef<K>, keys: Vec<String>) -> SharedRef<K> {
+        if let Some((shared, filed)) = self.keys.get_key_value(&reference)
+            && filed
+                .iter()
+                .map(|k| &**k)
+                .eq(keys.iter().map(String::as_str))
+        {
+            return Arc::clone(shared);
         }
         self.remove(&reference);
-        for key in &keys {
+        let shared = Arc::new(reference);
+        let mut filed = Vec::with_capacity(keys.len());
+        for key in keys {
+            let key = match self.by_key.get_key_value(key.as_str()) {
+                Some((interned, _)) => Arc::clone(interned),
+                None => Arc::<str>::from(key),
+            };
             self.by_key
-                .entry(key.clone())
+                .entry(Arc::clone(&key))
                 .or_default()
-                .insert(reference.clone());
+                .insert(Arc::clone(&shared));
+            filed.push(key);
         }
-        self.keys.insert(reference, keys);
+        self.keys
+            .insert(Arc::clone(&shared), filed.into_boxed_slice());
+        shared
     }
 
     fn remove(&mut self, reference: &ObjectRef<K>) {

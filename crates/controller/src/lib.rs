@@ -321,6 +321,18 @@ where
         receiver
     }
 
+    /// A controller of this watch's objects, each of them triggering its own reconcile. It is
+    /// handed bare references (no uid, no resourceVersion: neither is part of the identity
+    /// its scheduler keys on), the smallest entries its queue can hold — one per container for
+    /// the Container controller's periodic resync.
+    fn controller(&mut self) -> Controller<K> {
+        let references = self
+            .subscribe()
+            .map(|object| index::bare_ref(object.as_ref()));
+        Controller::for_shared_stream(futures::stream::pending(), self.store.clone())
+            .reconcile_on(references)
+    }
+
     /// The watch itself: (consistent) list, then watch, reflected into the store and index,
     /// then handed to every subscriber (a relist's objects once it is complete).
     fn run(self) -> Task {
@@ -478,7 +490,8 @@ impl Controllers {
                 directory: directory.clone(),
             };
             let seen_generations = Generations::default();
-            Controller::for_shared_stream(server_watch.subscribe(), server_store.clone())
+            server_watch
+                .controller()
                 .watches_shared_stream(container_watch.subscribe(), move |c| {
                     by_container.of_container(&c)
                 })
@@ -502,7 +515,8 @@ impl Controllers {
             let by_distro = Arc::clone(&container_index);
             let by_customer = Arc::clone(&container_index);
             let seen_generations = Generations::default();
-            Controller::for_shared_stream(container_watch.subscribe(), container_store.clone())
+            container_watch
+                .controller()
                 .owns(Api::<Pod>::all(client.clone()), pods)
                 .watches_shared_stream(distro_watch.subscribe(), move |d| {
                     by_distro.get(&context::namespace_key(&d.namespace().unwrap_or_default()))
@@ -520,18 +534,21 @@ impl Controllers {
         // PortMappings: port ownership, decided per server.
         let mappings = {
             let by_container = Arc::clone(&mapping_index);
-            Controller::for_shared_stream(mapping_watch.subscribe(), mapping_store.clone())
-                .watches_shared_stream(container_watch.subscribe(), move |c| {
+            mapping_watch.controller().watches_shared_stream(
+                container_watch.subscribe(),
+                move |c| {
                     by_container.get(&context::mapping_key(
                         &c.namespace().unwrap_or_default(),
                         &c.name_any(),
                     ))
-                })
+                },
+            )
         };
         // CustomDistros: acceptance and usage, from their namespace's containers.
         let distros = {
             let by_namespace = Arc::clone(&distro_index);
-            Controller::for_shared_stream(distro_watch.subscribe(), distro_store.clone())
+            distro_watch
+                .controller()
                 .watches_shared_stream(container_watch.subscribe(), move |c| {
                     by_namespace.get(&context::namespace_key(&c.namespace().unwrap_or_default()))
                 })
@@ -541,7 +558,8 @@ impl Controllers {
             let by_container = customer_store.clone();
             let by_server = customer_store.clone();
             let by_customer = customer_store.clone();
-            Controller::for_shared_stream(customer_watch.subscribe(), customer_store.clone())
+            customer_watch
+                .controller()
                 // A Customer listing a server makes it shared: its other owners lose read access
                 // to that Server at once.
                 .watches_shared_stream(customer_watch.subscribe(), move |c| {
@@ -581,15 +599,9 @@ impl Controllers {
 
         // Every change of a summarised object, whoever wrote it, may change its summary.
         let summaries = Summaries {
-            containers: Controller::for_shared_stream(
-                container_watch.subscribe(),
-                container_store.clone(),
-            ),
-            mappings: Controller::for_shared_stream(
-                mapping_watch.subscribe(),
-                mapping_store.clone(),
-            ),
-            distros: Controller::for_shared_stream(distro_watch.subscribe(), distro_store.clone()),
+            containers: container_watch.controller(),
+            mappings: mapping_watch.controller(),
+            distros: distro_watch.controller(),
         };
 
         let context = Arc::new(Context::new(
