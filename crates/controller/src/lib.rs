@@ -344,11 +344,17 @@ where
                 .default_backoff()
                 .modify(self.modify),
         );
-        let relisted: Vec<Arc<K>> = Vec::new();
+        // Subscribers are handed the store's own copy of each object, not a second one: at a
+        // relist of 50,000 containers, or behind a lagging subscriber, a copy per event would
+        // double the cache. The reflector has updated the store before it yields an event;
+        // a relist's objects are in it once the relist is done.
+        let store = self.store;
+        let relisted: Vec<ObjectRef<K>> = Vec::new();
         let task = stream.fold(
             (subscribers, relisted),
             move |(mut subscribers, mut relisted), event| {
                 let index = index.clone();
+                let store = store.clone();
                 async move {
                     let Ok(event) = event else {
                         return (subscribers, relisted);
@@ -357,16 +363,23 @@ where
                         index.observe(&event);
                     }
                     let ready = match event {
-                        watcher::Event::Apply(object) => vec![Arc::new(object)],
+                        watcher::Event::Apply(object) => vec![
+                            store
+                                .get(&ObjectRef::from_obj(&object))
+                                .unwrap_or_else(|| Arc::new(object)),
+                        ],
                         watcher::Event::Init => {
                             relisted.clear();
                             Vec::new()
                         }
                         watcher::Event::InitApply(object) => {
-                            relisted.push(Arc::new(object));
+                            relisted.push(index::bare_ref(&object));
                             Vec::new()
                         }
-                        watcher::Event::InitDone => std::mem::take(&mut relisted),
+                        watcher::Event::InitDone => std::mem::take(&mut relisted)
+                            .iter()
+                            .filter_map(|reference| store.get(reference))
+                            .collect(),
                         watcher::Event::Delete(_) => Vec::new(),
                     };
                     for object in ready {
