@@ -263,10 +263,7 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
         let server = resolved.server.clone();
         if server.status.as_ref() == Some(&status) {
             drop(timer);
-            return Ok(Some(Committed {
-                waiting_for_readers: resolved.waiting_for_readers,
-                ..plan.into_committed(server, &ctx.config.home_root)
-            }));
+            return Ok(Some(plan.into_committed(server, &ctx.config.home_root)));
         }
         let mut next = server.clone();
         next.status = Some(status);
@@ -278,10 +275,7 @@ async fn commit(ctx: &Context, name: &str) -> Result<Option<Committed>, Error> {
                 ctx.metrics.status_written();
                 debug!(server = name, revision = ?written.resource_version(), "ledger committed");
                 drop(timer);
-                return Ok(Some(Committed {
-                    waiting_for_readers: resolved.waiting_for_readers,
-                    ..plan.into_committed(written, &ctx.config.home_root)
-                }));
+                return Ok(Some(plan.into_committed(written, &ctx.config.home_root)));
             }
             // Someone else committed first (or our own earlier write landed and its reply was
             // lost): decide again on the new revision.
@@ -447,6 +441,8 @@ struct Plan {
     /// Why containers admitted by the decision still get nothing (no uid could be had).
     unassigned: HashMap<String, String>,
     containers: BTreeMap<String, Arc<Container>>,
+    /// Carried from [`Resolved`]: the pass runs again soon.
+    waiting_for_readers: bool,
 }
 
 /// The pure part: candidates from the ledger and the containers, decided by [`admit`].
@@ -512,6 +508,7 @@ fn decide(ctx: &Context, resolved: &Resolved, allocated: &HashMap<String, i64>) 
         needing,
         unassigned: HashMap::new(),
         containers,
+        waiting_for_readers: resolved.waiting_for_readers,
     }
 }
 
@@ -771,7 +768,7 @@ impl Plan {
             admission: self.admission,
             projections,
             waiting_for_uids: !self.unassigned.is_empty(),
-            waiting_for_readers: false,
+            waiting_for_readers: self.waiting_for_readers,
         }
     }
 }
